@@ -1,0 +1,170 @@
+"""The surface every resnetlab model shares, and the pieces of it that do not depend on the model.
+
+Following timm: ``forward = forward_head(forward_features(x))``; ``reset_classifier(n)``;
+``feature_info`` naming each stage's output with its channels and stride; ``forward_intermediates``;
+``set_grad_checkpointing``. A model defines ``forward_stem``, ``forward_features``,
+``forward_head``, ``stage_names`` and its classifier ``fc``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..blocks.residual import NORM_TYPES, ResidualBlock
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One intermediate feature: the module that outputs it, its channels and its stride."""
+
+    module: str
+    channels: int
+    stride: int
+
+
+class Classifier(nn.Module):
+    """Base class: shared forward, classifier reset, intermediates and gradient checkpointing."""
+
+    num_classes: int
+    num_features: int
+    in_chans: int
+    plain: bool
+    feature_info: list[FeatureInfo]
+    stage_names: list[str]
+    fc: nn.Module
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+
+    @property
+    def default_input_size(self) -> tuple[int, int, int]:
+        """``(channels, height, width)`` of the inputs the model was designed for."""
+        raise NotImplementedError
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a fresh one for ``num_classes`` (0: no classifier)."""
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+
+    def residual_blocks(self) -> list[ResidualBlock]:
+        """Every residual block, in forward order."""
+        return [m for m in self.modules() if isinstance(m, ResidualBlock)]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them.
+
+        Memory then holds one tensor per block (its input) instead of every intermediate, at the cost
+        of a second forward pass; this is what lets ResNet-1202 train in bounded memory.
+        """
+        self.grad_checkpointing = enable
+
+    def run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
+            return stage(x)
+        for block in stage:
+            x = checkpoint(block, x, use_reentrant=False, context_fn=_recompute_keeps_norm_stats(block))
+        return x
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: Sequence[int] | None = None
+    ) -> list[torch.Tensor]:
+        """The outputs of the stages named in ``feature_info`` (all, or those at ``indices``)."""
+        wanted = set(range(len(self.stage_names)) if indices is None else indices)
+        for i in wanted:
+            if not 0 <= i < len(self.stage_names):
+                raise IndexError(f"feature index {i} out of range for {len(self.stage_names)} stages")
+        out = []
+        x = self.forward_stem(x)
+        for i, name in enumerate(self.stage_names):
+            if i > max(wanted):
+                break
+            x = self.run_stage(getattr(self, name), x)
+            if i in wanted:
+                out.append(x)
+        return out
+
+
+def _recompute_keeps_norm_stats(block: nn.Module) -> Callable[[], tuple]:
+    """Context for ``checkpoint``: the recomputation must not update batch-norm running statistics.
+
+    Recomputing a block in training mode runs its BN layers a second time on the same batch, which
+    would apply the running-average update twice (momentum 0.1 becoming 0.19). Their buffers are
+    saved before the recomputation and put back after it.
+    """
+
+    @contextlib.contextmanager
+    def restore_stats() -> Iterator[None]:
+        saved = [
+            (buf, buf.clone())
+            for m in block.modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase)
+            for buf in m.buffers(recurse=False)
+        ]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buf, value in saved:
+                    buf.copy_(value)
+
+    return lambda: (contextlib.nullcontext(), restore_stats())
+
+
+def initialise(
+    model: nn.Module,
+    init_module: Callable[[nn.Module], None],
+    zero_init_residual: bool,
+    rng_state: torch.Tensor,
+) -> None:
+    """Initialise every module with ``init_module``, branches first and shortcuts last.
+
+    A network and its plain twin (which lacks the shortcut projections) must draw the same random
+    numbers for every module they share, so that with the same seed their common parameters are
+    equal. So the random generator is first rewound to ``rng_state``, taken before the modules were
+    built (discarding the draws of their constructors), and shortcut projections come last.
+    """
+    torch.set_rng_state(rng_state)
+    blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+    shortcut = [m for b in blocks for s in b.shortcut_modules() for m in s.modules()]
+    in_shortcut = {id(m) for m in shortcut}
+    for module in [m for m in model.modules() if id(m) not in in_shortcut] + shortcut:
+        init_module(module)
+    if zero_init_residual:
+        if getattr(model, "plain", False):
+            raise ValueError(
+                "zero_init_residual=True needs shortcuts: in a plain network every block would start "
+                "by outputting zero"
+            )
+        for block in blocks:
+            block.zero_init_last()
+
+
+def init_norm(module: nn.Module) -> bool:
+    """Unit scale and zero shift for a normalisation layer; returns whether ``module`` was one."""
+    if isinstance(module, NORM_TYPES):
+        if getattr(module, "weight", None) is not None:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        return True
+    return False

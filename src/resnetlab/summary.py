@@ -1,0 +1,124 @@
+"""Model summary: each stage's output shape, parameters and multiply-accumulates (MACs), with totals.
+
+MACs count convolutions and linear layers only, torchvision's convention for its published figures
+(4.09 G for ResNet-50 at 224x224); they are read off PyTorch's ``FlopCounterMode`` (two FLOPs per MAC)
+on a real forward pass of one image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .models.base import Classifier
+
+
+@dataclass
+class SummaryRow:
+    name: str
+    output_shape: tuple[int, ...]  # without the batch dimension
+    params: int
+    macs: int
+
+
+@dataclass
+class ModelSummary:
+    model: str
+    input_size: tuple[int, ...]  # (channels, height, width)
+    rows: list[SummaryRow] = field(default_factory=list)
+    params: int = 0
+    trainable_params: int = 0
+    macs: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_text(self) -> str:
+        shape = lambda s: "x".join(map(str, s))  # noqa: E731
+        table = [("stage", "output", "params", "MACs")]
+        table += [(r.name, shape(r.output_shape), f"{r.params:,}", format_count(r.macs)) for r in self.rows]
+        table.append(("total", "", f"{self.params:,}", format_count(self.macs)))
+        widths = [max(len(row[i]) for row in table) for i in range(4)]
+        lines = [f"{self.model}: input {shape(self.input_size)}"]
+        for i, row in enumerate(table):
+            if i == len(table) - 1:
+                lines.append("-" * (sum(widths) + 6))
+            lines.append(
+                f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]:>{widths[3]}}"
+            )
+        lines.append(f"trainable params: {self.trainable_params:,}")
+        return "\n".join(lines)
+
+
+def format_count(n: float) -> str:
+    """``4_089_184_256 -> '4.09 G'``, ``40_553_472 -> '40.6 M'`` (three significant digits)."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f}"
+
+
+def summarize(model: Classifier, input_size: Sequence[int] | None = None, name: str = "") -> ModelSummary:
+    """Run one input of ``input_size`` (default: the model's own) through ``model`` and tabulate it.
+
+    Rows are the stem (everything before the first stage), each stage, and the head (everything
+    after the last stage: final normalisation, pooling, classifier).
+    """
+    size = tuple(input_size or model.default_input_size)
+    if len(size) != 3 or min(size) < 1:
+        raise ValueError(f"input size must be (channels, height, width) of positive ints, got {size}")
+    if size[0] != model.in_chans:
+        raise ValueError(f"the model takes {model.in_chans} input channels, the input size says {size[0]}")
+    stages = [getattr(model, n) for n in model.stage_names]
+    groups: dict[str, list[nn.Module]] = {"stem": []}
+    shapes: dict[str, tuple[int, ...]] = {}
+    flops_at: dict[str, int] = {}
+    phase = ["stem"]
+    counter = FlopCounterMode(display=False)
+    hooks = []
+
+    def child_pre(module: nn.Module, args: tuple) -> None:
+        if module in stages:
+            shapes.setdefault(phase[0], tuple(args[0].shape[1:]))
+            flops_at.setdefault(phase[0], counter.get_total_flops())
+            phase[0] = model.stage_names[stages.index(module)]
+        if not any(module is m for ms in groups.values() for m in ms):
+            groups.setdefault(phase[0], []).append(module)
+
+    def child_post(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if module in stages:
+            shapes[phase[0]] = tuple(output.shape[1:])
+            flops_at[phase[0]] = counter.get_total_flops()
+            phase[0] = "head"
+
+    for child in model.children():
+        hooks.append(child.register_forward_pre_hook(child_pre))
+        hooks.append(child.register_forward_hook(child_post))
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters(), None)
+        x = torch.zeros(1, *size, device=param.device if param is not None else "cpu")
+        with torch.no_grad(), counter:
+            out = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    shapes["head"] = tuple(out.shape[1:])
+    flops_at["head"] = counter.get_total_flops()
+
+    summary = ModelSummary(model=name or type(model).__name__, input_size=size)
+    previous = 0
+    for group in ["stem", *model.stage_names, "head"]:
+        params = sum(p.numel() for m in groups.get(group, []) for p in m.parameters())
+        summary.rows.append(SummaryRow(group, shapes[group], params, (flops_at[group] - previous) // 2))
+        previous = flops_at[group]
+    summary.params = sum(p.numel() for p in model.parameters())
+    summary.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    summary.macs = flops_at["head"] // 2
+    return summary
