@@ -215,12 +215,13 @@ def test_zero_initialised_cifar_resnet_features_are_the_padded_stem_output():
 # --- gradient checkpointing ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("segment", [None, 1, 2])
 @pytest.mark.parametrize("name", ["resnet20", "preact_resnet164", "residual_mlp"])
-def test_grad_checkpointing_gives_the_same_outputs_gradients_and_bn_statistics(name):
+def test_grad_checkpointing_gives_the_same_outputs_gradients_and_bn_statistics(name, segment):
     torch.manual_seed(0)
     a = create_model(name)
     b = copy.deepcopy(a)
-    b.set_grad_checkpointing()
+    b.set_grad_checkpointing(blocks_per_segment=segment)
     x = small_input(a, batch=4)
     out_a, out_b = a(x), b(x)
     torch.testing.assert_close(out_a, out_b)
@@ -231,6 +232,32 @@ def test_grad_checkpointing_gives_the_same_outputs_gradients_and_bn_statistics(n
     # The recomputation in backward must not update the running statistics a second time.
     for (key, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(va, vb, msg=key)
+
+
+def _saved_bytes_in_forward(model, x) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass after one forward."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return total
+
+
+def test_grad_checkpointing_stores_a_fraction_of_the_activations():
+    torch.manual_seed(0)
+    model = create_model("resnet110")  # 18 blocks per stage: segments of 4 (round(sqrt(18)))
+    x = torch.randn(4, 3, 32, 32)
+    full = _saved_bytes_in_forward(model, x)
+    model.set_grad_checkpointing()
+    sqrt_segments = _saved_bytes_in_forward(model, x)
+    model.set_grad_checkpointing(blocks_per_segment=1)
+    per_block = _saved_bytes_in_forward(model, x)
+    assert sqrt_segments < per_block < full / 4
 
 
 @pytest.mark.slow

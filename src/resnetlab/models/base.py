@@ -9,6 +9,7 @@ Following timm: ``forward = forward_head(forward_features(x))``; ``reset_classif
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ class Classifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.grad_checkpointing = False
+        self.blocks_per_segment: int | None = None
 
     @property
     def default_input_size(self) -> tuple[int, int, int]:
@@ -71,19 +73,27 @@ class Classifier(nn.Module):
         """Every residual block, in forward order."""
         return [m for m in self.modules() if isinstance(m, ResidualBlock)]
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass instead of storing them.
+    def set_grad_checkpointing(self, enable: bool = True, blocks_per_segment: int | None = None) -> None:
+        """Recompute activations in the backward pass instead of storing them.
 
-        Memory then holds one tensor per block (its input) instead of every intermediate, at the cost
-        of a second forward pass; this is what lets ResNet-1202 train in bounded memory.
+        Each stage is cut into segments of ``blocks_per_segment`` blocks (default: the square root of
+        the stage's length); only each segment's input is stored, and one segment's activations are
+        rebuilt at a time, so memory grows with the square root of depth (Chen et al. 2016, "Training
+        Deep Nets with Sublinear Memory Cost") at the cost of a second forward pass.
         """
+        if blocks_per_segment is not None and blocks_per_segment < 1:
+            raise ValueError(f"blocks_per_segment must be >= 1, got {blocks_per_segment}")
         self.grad_checkpointing = enable
+        self.blocks_per_segment = blocks_per_segment
 
     def run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
             return stage(x)
-        for block in stage:
-            x = checkpoint(block, x, use_reentrant=False, context_fn=_recompute_keeps_norm_stats(block))
+        blocks = list(stage)
+        size = self.blocks_per_segment or max(1, round(math.sqrt(len(blocks))))
+        for start in range(0, len(blocks), size):
+            segment = nn.Sequential(*blocks[start : start + size])
+            x = checkpoint(segment, x, use_reentrant=False, context_fn=_recompute_keeps_norm_stats(segment))
         return x
 
     def forward_intermediates(
@@ -105,10 +115,10 @@ class Classifier(nn.Module):
         return out
 
 
-def _recompute_keeps_norm_stats(block: nn.Module) -> Callable[[], tuple]:
+def _recompute_keeps_norm_stats(segment: nn.Module) -> Callable[[], tuple]:
     """Context for ``checkpoint``: the recomputation must not update batch-norm running statistics.
 
-    Recomputing a block in training mode runs its BN layers a second time on the same batch, which
+    Recomputing a segment in training mode runs its BN layers a second time on the same batch, which
     would apply the running-average update twice (momentum 0.1 becoming 0.19). Their buffers are
     saved before the recomputation and put back after it.
     """
@@ -117,7 +127,7 @@ def _recompute_keeps_norm_stats(block: nn.Module) -> Callable[[], tuple]:
     def restore_stats() -> Iterator[None]:
         saved = [
             (buf, buf.clone())
-            for m in block.modules()
+            for m in segment.modules()
             if isinstance(m, nn.modules.batchnorm._NormBase)
             for buf in m.buffers(recurse=False)
         ]
