@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import UserError
-from . import models
+from ..training.engine import TrainingStopped
+from . import evaluate, export, models, predict, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"resnetlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (models,):
+    for module in (train, evaluate, predict, export, models):
         module.register(sub)
     return parser
 
@@ -35,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"resnetlab {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as stop:
+        print(f"resnetlab {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print(f"resnetlab {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -57,6 +57,8 @@ class ResNet(Classifier):
         stride_in_1x1: put a bottleneck's stride on its first 1x1 conv (the paper's v1).
         zero_init_residual: start every block as its shortcut (``zero_init_last``).
         norm_layer: normalisation factory, ``BatchNorm2d`` by default.
+        input_size: the ``(height, width)`` the network is meant for (224 or 32 by the stem); the
+            network itself takes any size, this sets ``default_input_size`` for summaries and export.
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class ResNet(Classifier):
         stride_in_1x1: bool = False,
         zero_init_residual: bool = False,
         norm_layer: NormLayer | None = None,
+        input_size: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if len(layers) != len(widths) or not layers:
@@ -92,6 +95,8 @@ class ResNet(Classifier):
         self.preact = bool(getattr(block, "preact", False))
         self.plain = plain
         self.stem_type = stem
+        side = 224 if stem == "imagenet" else 32
+        self.input_size = (side, side) if input_size is None else (int(input_size[0]), int(input_size[1]))
         self.in_chans = in_chans
         self.num_classes = num_classes
 
@@ -139,8 +144,7 @@ class ResNet(Classifier):
 
     @property
     def default_input_size(self) -> tuple[int, int, int]:
-        size = 224 if self.stem_type == "imagenet" else 32
-        return (self.in_chans, size, size)
+        return (self.in_chans, *self.input_size)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)

@@ -1,0 +1,241 @@
+"""Checkpoints on disk.
+
+A trained model is one ``model.safetensors`` file: the weights, plus metadata naming the model, its
+constructor arguments, the class names and the input normalisation, so that evaluation, prediction
+and export need nothing else. A training checkpoint is a folder ``checkpoints/e0003-s000000/`` with
+that file and ``state.pt`` (optimiser, scheduler, random-generator states, position, metrics so far).
+Folders are written under a temporary name and renamed into place, then ``checkpoints/latest`` is
+updated atomically: a reader never sees half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from .errors import UserError
+from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir
+from .models import create_model
+
+FORMAT = "resnetlab"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+_CKPT_NAME = re.compile(r"e(\d{4,})-s(\d{6,})")
+
+
+@dataclass
+class ModelInfo:
+    """What it takes to rebuild a trained model and feed it: stored in the weights file's metadata."""
+
+    model: str
+    model_kwargs: dict[str, Any]
+    classes: list[str]
+    mean: list[float]  # per-channel input normalisation on the 0..1 scale
+    std: list[float]
+    input_shape: tuple[int, int, int]  # (C, H, W) of the training images
+    epoch: int = 0
+    config: str = ""  # the training configuration, as TOML
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_metadata(self) -> dict[str, str]:
+        meta = {k: json.dumps(v) for k, v in asdict(self).items()}
+        meta.update(format=FORMAT, format_version=str(FORMAT_VERSION))
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str] | None, where: str) -> ModelInfo:
+        if not meta or meta.get("format") != FORMAT:
+            raise UserError(f"{where}: not a resnetlab model file (no resnetlab metadata)")
+        version = int(meta.get("format_version", "0"))
+        if version > FORMAT_VERSION:
+            raise UserError(
+                f"{where}: written by a newer resnetlab (format {version}, this one reads up to "
+                f"{FORMAT_VERSION}); upgrade resnetlab"
+            )
+        try:
+            values = {k: json.loads(meta[k]) for k in cls.__dataclass_fields__ if k in meta}
+            values["input_shape"] = tuple(values["input_shape"])
+            return cls(**values)
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{where}: damaged resnetlab metadata ({err})") from None
+
+    def build(self) -> nn.Module:
+        """A fresh model of the recorded architecture (weights not loaded)."""
+        return create_model(self.model, **self.model_kwargs)
+
+
+def save_model_file(path: Path, state_dict: dict[str, torch.Tensor], info: ModelInfo) -> str:
+    """Write weights and metadata atomically; returns the file's SHA-256."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    data = st_save(tensors, metadata=info.to_metadata())
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], ModelInfo]:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read it ({err.strerror})") from None
+    try:
+        state = st_load(data)
+        meta = _safetensors_metadata(data)
+    except (SafetensorError, ValueError) as err:
+        raise UserError(f"{path}: not a readable safetensors file ({err})") from None
+    return state, ModelInfo.from_metadata(meta, str(path))
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str] | None:
+    # The format: an 8-byte little-endian header length, then a JSON header whose "__metadata__" holds
+    # the string map (https://github.com/huggingface/safetensors#format).
+    n = int.from_bytes(data[:8], "little")
+    if n <= 0 or n > len(data) - 8:
+        raise ValueError("bad header length")
+    return json.loads(data[8 : 8 + n]).get("__metadata__")
+
+
+# --- training checkpoints -------------------------------------------------------------------------
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    """``e0003-s000000``: after 3 whole epochs; ``e0003-s000120``: 120 steps into the fourth."""
+    return f"e{epoch:04d}-s{step:06d}"
+
+
+def save_checkpoint(
+    run_dir: Path,
+    state_dict: dict[str, torch.Tensor],
+    info: ModelInfo,
+    train_state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write a training checkpoint folder atomically, point ``latest`` at it, prune old ones."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = checkpoint_name(train_state["epoch"], train_state["step"])
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+    try:
+        digest = save_model_file(tmp / MODEL_FILE, state_dict, info)
+        with open(tmp / STATE_FILE, "wb") as f:
+            torch.save({**train_state, "model_sha256": digest}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        final = root / name
+        if final.exists():  # a duplicate left by a run killed before it updated `latest`
+            shutil.rmtree(final)
+        tmp.rename(final)
+        fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / "latest", name + "\n")
+    _prune(root, keep, name)
+    return final
+
+
+def _prune(root: Path, keep: int, newest: str) -> None:
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and _CKPT_NAME.fullmatch(p.name))
+    names = [n for n in names if n <= newest]
+    for old in names[:-keep]:
+        shutil.rmtree(root / old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint ``latest`` points to; without a readable pointer, the newest complete folder."""
+    root = run_dir / "checkpoints"
+    try:
+        name = (root / "latest").read_text().strip()
+        if _CKPT_NAME.fullmatch(name) and (root / name / STATE_FILE).is_file():
+            return root / name
+    except OSError:
+        pass
+    if not root.is_dir():
+        return None
+    complete = sorted(
+        p for p in root.iterdir() if _CKPT_NAME.fullmatch(p.name) and (p / STATE_FILE).is_file()
+    )
+    return complete[-1] if complete else None
+
+
+def load_train_state(ckpt: Path) -> dict[str, Any]:
+    try:
+        with open(ckpt / STATE_FILE, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise UserError(f"{ckpt / STATE_FILE}: cannot read the training state ({err})") from None
+
+
+# --- loading a trained model ----------------------------------------------------------------------
+
+
+def resolve_model_file(path: str | Path) -> Path:
+    """A run folder, a checkpoint folder or a weights file -> the weights file to load."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / MODEL_FILE).is_file():
+            return path / MODEL_FILE
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise UserError(f"{path}: no checkpoint in this folder (expected a run or checkpoint folder)")
+        return ckpt / MODEL_FILE
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    return path
+
+
+def load_model(
+    path: str | Path,
+    *,
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    map_location: str | torch.device = "cpu",
+) -> tuple[nn.Module, ModelInfo | None]:
+    """Load a trained model in eval mode from a run folder, a checkpoint or a weights file.
+
+    A plain ``state_dict`` saved with ``torch.save`` (for example a torchvision checkpoint, ``.pth``)
+    loads too when ``model_name`` says which architecture it is; its class count is read off the
+    classifier unless given. Such files are read with ``weights_only=True`` (no code runs).
+    """
+    file = resolve_model_file(path)
+    if file.suffix == ".safetensors":
+        state, info = read_model_file(file)
+        if model_name is not None and model_name != info.model:
+            raise UserError(f"{file}: holds a {info.model}, not a {model_name}")
+        model = info.build()
+    else:
+        if model_name is None:
+            raise UserError(f"{file}: a bare state_dict; say which model it is (--model NAME)")
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for foreign or damaged files
+            raise UserError(f"{file}: not a loadable PyTorch state_dict ({err})") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise UserError(f"{file}: expected a state_dict (a dict of tensors)")
+        fc = state.get("fc.weight")
+        classes = num_classes or (fc.shape[0] if isinstance(fc, torch.Tensor) else 1000)
+        model = create_model(model_name, num_classes=classes)
+        info = None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0] if str(err) else "shapes or names differ"
+        raise UserError(f"{file}: the weights do not fit the model ({first})") from None
+    return model.to(map_location).eval(), info

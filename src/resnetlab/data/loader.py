@@ -1,0 +1,128 @@
+"""Batches for training and evaluation, from memory or streamed from files.
+
+Both loaders yield uint8 image batches (B, C, H, W) with int64 labels; the trainer normalises them.
+The order of an epoch and every random augmentation depend only on ``(seed, epoch, step)``, so a run
+resumed at any step sees exactly the batches the uninterrupted run saw, and ``world_size`` processes
+each take their slice of the same global batch a single process would have drawn.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+from .augment import BatchAugment
+from .types import FileList, ImageArray
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def _generator(*keys: int) -> torch.Generator:
+    # A fresh generator per (seed, epoch[, step]): nothing to save for resumption, identical on every rank.
+    seed = 0
+    for k in keys:
+        seed = (seed * 1_000_003 + int(k)) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of the ``n`` training images in ``epoch``."""
+    return torch.randperm(n, generator=_generator(seed, epoch))
+
+
+class _Loader:
+    def __init__(self, n: int, batch_size: int, train: bool, seed: int, rank: int, world_size: int) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} must divide evenly among {world_size} processes")
+        if train and n < batch_size:
+            raise ValueError(f"the training split has {n} images, fewer than one batch of {batch_size}")
+        self.n = n
+        self.batch_size = batch_size
+        self.train = train
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+
+    def __len__(self) -> int:
+        """Steps per epoch: full batches only when training (every step sees ``batch_size`` images)."""
+        return self.n // self.batch_size if self.train else math.ceil(self.n / self.batch_size)
+
+    def _global_batches(self, epoch: int, start: int) -> Iterator[tuple[int, torch.Tensor]]:
+        order = epoch_order(self.n, self.seed, epoch) if self.train else torch.arange(self.n)
+        for step in range(start, len(self)):
+            yield step, order[step * self.batch_size : (step + 1) * self.batch_size]
+
+    def _local(self, batch: torch.Tensor) -> slice:
+        per_rank = math.ceil(len(batch) / self.world_size)
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+
+class InMemoryLoader(_Loader):
+    """Batches sliced from one uint8 tensor that lives on the training device.
+
+    Training batches are augmented as whole batches (:class:`BatchAugment`) with parameters drawn for
+    the global batch, then sliced for this process.
+    """
+
+    def __init__(
+        self,
+        data: ImageArray,
+        batch_size: int,
+        *,
+        train: bool,
+        augment: BatchAugment | None = None,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__(len(data), batch_size, train, seed, rank, world_size)
+        self.images = data.images.to(device)
+        self.labels = data.labels.to(device)
+        self.augment = augment if train else None
+
+    def batches(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
+        for step, index in self._global_batches(epoch, start):
+            local = self._local(index)
+            index = index.to(self.images.device)
+            x = self.images[index[local]]
+            y = self.labels[index[local]]
+            if self.augment is not None:
+                params = self.augment.params(len(index), _generator(self.seed, epoch, step))
+                x = self.augment.apply(x, *(p[local] for p in params))
+            yield x, y
+
+
+class StreamingLoader(_Loader):
+    """Batches decoded from image files by DataLoader worker processes (for large images)."""
+
+    def __init__(
+        self,
+        files: FileList,
+        batch_size: int,
+        *,
+        train: bool,
+        image_size: int,
+        channels: int,
+        seed: int = 0,
+        workers: int = 2,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        from .folder import ImageFileDataset
+
+        super().__init__(len(files), batch_size, train, seed, rank, world_size)
+        self.dataset = ImageFileDataset(
+            files, image_size=image_size, channels=channels, train=train, seed=seed
+        )
+        self.workers = workers
+
+    def batches(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
+        batches = [index[self._local(index)].tolist() for _, index in self._global_batches(epoch, start)]
+        self.dataset.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=batches, num_workers=self.workers, persistent_workers=False
+        )
+        yield from loader

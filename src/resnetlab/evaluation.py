@@ -1,0 +1,107 @@
+"""Evaluate a trained model on a split: loss, accuracy, per-class accuracy and confusion matrix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .checkpoint import ModelInfo, load_model
+from .data.prepare import load_source
+from .data.split import stratified_split
+from .data.types import DataSource, ImageArray, Split
+from .errors import UserError
+from .training.config import TrainConfig, config_from_toml_text
+from .training.engine import Preprocess, evaluate, make_loader, resolve_device
+
+
+def _training_config(info: ModelInfo) -> TrainConfig:
+    return config_from_toml_text(info.config, "checkpoint metadata") if info.config else TrainConfig()
+
+
+def pick_split(source: DataSource, split: str, config: TrainConfig, spec: str) -> Split:
+    """The split to evaluate on.
+
+    A folder whose class folders sit directly under it is a split of its own. ``val`` is the data
+    set's own val split if it has one, else the part of its training split that training held out
+    (same fraction and split seed as the run). ``test`` exists only where the data set has one.
+    """
+    if "images" in source.splits:
+        return source.splits["images"]
+    if split in source.splits and split != "train":
+        return source.splits[split]
+    if split == "val" and "train" in source.splits:
+        fraction = config.val_fraction or 0.1
+        _, val_idx = stratified_split(source.splits["train"].labels, fraction, config.split_seed)
+        return source.splits["train"].subset(val_idx)
+    if split == "train" and "train" in source.splits:
+        return source.splits["train"]
+    have = ", ".join(sorted(source.splits)) or "none"
+    raise UserError(f"--data {spec}: has no {split!r} split (it has: {have})")
+
+
+def _relabel(split: Split, data_classes: list[str], model_classes: list[str], spec: str) -> Split:
+    """Map the data set's labels onto the model's classes by name; unknown classes are an error."""
+    if data_classes == model_classes:
+        return split
+    missing = [c for c in data_classes if c not in model_classes]
+    if missing:
+        raise UserError(
+            f"--data {spec}: classes {', '.join(missing[:5])} are not among the model's "
+            f"{len(model_classes)} classes ({', '.join(model_classes[:5])}, ...)"
+        )
+    table = torch.tensor([model_classes.index(c) for c in data_classes])
+    if isinstance(split, ImageArray):
+        return ImageArray(split.images, table[split.labels])
+    return type(split)(split.paths, table[split.labels])
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    data: str | None = None,
+    split: Literal["train", "val", "test"] = "val",
+    batch_size: int = 256,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Evaluate the model in ``checkpoint`` (a run folder, checkpoint folder or weights file)."""
+    dev = resolve_device(device)
+    model, info = load_model(checkpoint, map_location=dev)
+    if info is None:
+        raise UserError(
+            f"{checkpoint}: a bare state_dict has no class names or normalisation to evaluate with"
+        )
+    config = _training_config(info)
+    spec = data or config.data
+    c, h, w = info.input_shape
+    source = load_source(
+        spec,
+        data_root=config.data_root,
+        image_size=h if h == w else None,
+        channels=c,
+        skip_bad_images=config.skip_bad_images,
+        seed=config.seed,
+    )
+    chosen = _relabel(pick_split(source, split, config, spec), source.classes, info.classes, spec)
+    if isinstance(chosen, ImageArray) and tuple(chosen.images.shape[1:]) != tuple(info.input_shape):
+        raise UserError(
+            f"--data {spec}: images are {tuple(chosen.images.shape[1:])} (C, H, W), the model was trained on "
+            f"{tuple(info.input_shape)}"
+        )
+    loader = make_loader(
+        chosen, batch_size, train=False, device=dev, input_shape=info.input_shape, workers=config.workers
+    )
+    result = evaluate(model, loader, Preprocess(info.mean, info.std).to(dev), len(info.classes))
+    return {
+        "checkpoint": str(checkpoint),
+        "model": info.model,
+        "data": spec,
+        "split": "images" if "images" in source.splits else split,
+        "images": result.images,
+        "loss": round(result.loss, 6),
+        "acc": round(result.acc, 4),
+        "per_class_acc": dict(zip(info.classes, [round(a, 2) for a in result.per_class_acc()], strict=True)),
+        "classes": info.classes,
+        "confusion": result.confusion.tolist(),
+    }

@@ -1,0 +1,59 @@
+"""Top-k predictions of a trained model for image files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import load_model
+from .data.folder import decode_image, fit_image
+from .errors import UserError
+from .training.engine import Preprocess, resolve_device
+
+
+def load_images(paths: list[str | Path], shape: tuple[int, int, int]) -> torch.Tensor:
+    """Decode files into a uint8 batch of ``shape`` (C, H, W): converted to the model's channels and,
+    where the size differs, resized (shorter side) and centre-cropped as image folders are."""
+    c, h, w = shape
+    images = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise UserError(f"{path}: no such image file")
+        img = decode_image(str(path), channels=c)
+        if img.size != (w, h):
+            img = fit_image(img, h) if h == w else img.resize((w, h))
+        array = np.asarray(img, dtype=np.uint8)
+        images.append(torch.from_numpy(array.reshape(h, w, c).copy()).permute(2, 0, 1))
+    return torch.stack(images)
+
+
+def predict(
+    checkpoint: str | Path, images: list[str | Path], *, top_k: int = 5, device: str = "auto"
+) -> list[dict[str, Any]]:
+    """For each image, the ``top_k`` classes with their probabilities (softmax of the logits)."""
+    if top_k < 1:
+        raise UserError(f"--top-k must be >= 1, got {top_k}")
+    dev = resolve_device(device)
+    model, info = load_model(checkpoint, map_location=dev)
+    if info is None:
+        raise UserError(
+            f"{checkpoint}: a bare state_dict has no class names or normalisation to predict with"
+        )
+    batch = load_images(images, info.input_shape).to(dev)
+    with torch.no_grad():
+        probs = model(Preprocess(info.mean, info.std).to(dev)(batch)).softmax(1).cpu()
+    k = min(top_k, probs.shape[1])
+    top = probs.topk(k, dim=1)
+    return [
+        {
+            "image": str(path),
+            "top": [
+                {"class": info.classes[int(i)], "probability": round(float(p), 6)}
+                for p, i in zip(top.values[n], top.indices[n], strict=True)
+            ],
+        }
+        for n, path in enumerate(images)
+    ]

@@ -1,0 +1,157 @@
+"""eval, predict and export against a real trained run."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from resnetlab import TrainConfig, create_model, export_model, load_model, train
+from resnetlab.cli import main
+from resnetlab.data.digits import load_digits
+from resnetlab.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    train(TrainConfig(model="resnet20", data="digits", epochs=2, batch_size=64, out=str(out)), progress=False)
+    return out
+
+
+def _json_tail(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_eval_on_the_held_out_split_reproduces_the_runs_final_validation(run, capsys):
+    final = json.loads((run / "result.json").read_text())["final"]
+    assert main(["eval", str(run), "--json"]) == 0
+    result = _json_tail(capsys)
+    assert result["images"] == 179 and result["split"] == "val"
+    assert result["acc"] == pytest.approx(final["val_acc"], abs=1e-3)
+    assert result["loss"] == pytest.approx(final["val_loss"], rel=1e-4)
+    confusion = np.array(result["confusion"])
+    assert confusion.sum() == 179 and confusion.shape == (10, 10)
+    assert result["acc"] == pytest.approx(100 * np.trace(confusion) / 179, abs=1e-3)
+    assert set(result["per_class_acc"]) == set(str(i) for i in range(10))
+
+
+def test_eval_prints_per_class_accuracy_and_the_confusion_matrix(run, capsys):
+    assert main(["eval", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "per-class accuracy" in out and "confusion matrix" in out
+
+
+def _digit_folder(root, classes):
+    source = load_digits().splits["train"]
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i, idx in enumerate(torch.nonzero(source.labels == int(c)).flatten()[:5].tolist()):
+            Image.fromarray(source.images[idx, 0].numpy(), mode="L").save(root / c / f"{i}.png")
+
+
+def test_eval_on_a_folder_of_class_folders_maps_classes_by_name(run, tmp_path, capsys):
+    _digit_folder(tmp_path / "digits", ["3", "7"])
+    assert main(["eval", str(run), "--data", str(tmp_path / "digits"), "--json"]) == 0
+    result = _json_tail(capsys)
+    assert result["split"] == "images" and result["images"] == 10
+    confusion = np.array(result["confusion"])
+    assert (
+        confusion[[3, 7]].sum() == 10 and confusion.sum() == 10
+    )  # labels land on the model's classes 3 and 7
+
+
+def test_eval_refuses_classes_the_model_does_not_know(run, tmp_path, capsys):
+    _digit_folder(tmp_path / "digits", ["3"])
+    (tmp_path / "digits" / "3").rename(tmp_path / "digits" / "three")
+    assert main(["eval", str(run), "--data", str(tmp_path / "digits")]) == 2
+    assert "three" in capsys.readouterr().err
+
+
+def test_eval_test_split_of_digits_does_not_exist(run, capsys):
+    assert main(["eval", str(run), "--split", "test"]) == 2
+    assert "no 'test' split" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_matches_pytorch(run, tmp_path, fmt):
+    out = tmp_path / ("m.onnx" if fmt == "onnx" else "m.pt")
+    result = export_model(run, fmt, out)
+    assert out.is_file() and result["max_abs_diff"] < 1e-4 and result["input_shape"] == [1, 8, 8]
+
+
+def test_onnx_export_carries_classes_and_normalisation(run, tmp_path):
+    import onnx
+
+    out = tmp_path / "m.onnx"
+    export_model(run, "onnx", out)
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(out)).metadata_props}
+    _, info = load_model(run)
+    assert meta["classes"] == info.classes and meta["mean"] == info.mean and meta["model"] == "resnet20"
+
+
+def test_export_of_a_torchvision_format_state_dict(tmp_path):
+    model = create_model("resnet18", num_classes=5)
+    torch.save(model.state_dict(), tmp_path / "tv.pth")
+    result = export_model(tmp_path / "tv.pth", "torchscript", tmp_path / "tv.pt", model_name="resnet18")
+    assert result["max_abs_diff"] < 1e-4
+    with pytest.raises(UserError, match="--model"):
+        export_model(tmp_path / "tv.pth", "onnx")
+
+
+def test_export_cli_json(run, tmp_path, capsys):
+    assert main(["export", str(run), "--format", "onnx", "--output", str(tmp_path / "x.onnx"), "--json"]) == 0
+    assert _json_tail(capsys)["max_abs_diff"] < 1e-4
+
+
+def test_load_model_rejects_foreign_and_damaged_files(tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        load_model(bad)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no checkpoint"):
+        load_model(tmp_path / "empty")
+
+
+def test_predict_gives_the_models_top_classes(run, tmp_path, capsys):
+    source = load_digits().splits["train"]
+    paths = []
+    for i in (0, 1, 2):
+        path = tmp_path / f"digit{i}.png"
+        Image.fromarray(source.images[i, 0].numpy(), mode="L").save(path)
+        paths.append(str(path))
+    assert main(["predict", str(run), *paths, "--top-k", "3", "--json"]) == 0
+    result = _json_tail(capsys)
+    model, info = load_model(run)
+    from resnetlab.training.engine import Preprocess
+
+    with torch.no_grad():
+        probs = model(Preprocess(info.mean, info.std)(source.images[:3])).softmax(1)
+    for i, item in enumerate(result["predictions"]):
+        assert item["image"] == paths[i] and len(item["top"]) == 3
+        assert item["top"][0]["class"] == info.classes[int(probs[i].argmax())]
+        assert item["top"][0]["probability"] == pytest.approx(float(probs[i].max()), abs=1e-5)
+
+
+def test_predict_names_a_broken_image(run, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    assert main(["predict", str(run), str(bad)]) == 2
+    assert "broken.png" in capsys.readouterr().err
+
+
+def test_predict_cli_as_a_process(run, tmp_path):
+    path = tmp_path / "d.png"
+    Image.fromarray(load_digits().splits["train"].images[5, 0].numpy(), mode="L").save(path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "resnetlab", "predict", str(run), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "d.png" in proc.stdout and "%" in proc.stdout

@@ -1,0 +1,262 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from resnetlab import TrainConfig, load_model, train
+from resnetlab.checkpoint import latest_checkpoint, load_train_state
+from resnetlab.cli import main
+from resnetlab.errors import UserError
+from resnetlab.training.config import add_config_flags, config_from_args, load_toml, to_toml
+
+FAST = dict(model="residual_mlp", data="digits", epochs=2, batch_size=64, lr=0.05)
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(latest_checkpoint(run_dir) / "model.safetensors")
+
+
+def cli(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "resnetlab", *argv], capture_output=True, text=True, timeout=timeout
+    )
+
+
+# --- configuration --------------------------------------------------------------------------------
+
+
+def _parse(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    add_config_flags(parser)
+    return config_from_args(parser.parse_args(argv))
+
+
+def test_flags_override_the_toml_file_which_overrides_the_defaults(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('model = "resnet56"\nlr = 0.2\nepochs = 7\nmilestones = [0.25, 0.5]\nnesterov = false\n')
+    config = _parse(["--config", str(path), "--lr", "0.3", "--channels-last"])
+    assert (config.model, config.lr, config.epochs, config.nesterov) == ("resnet56", 0.3, 7, False)
+    assert config.milestones == [0.25, 0.5] and config.channels_last is True
+    assert config.batch_size == TrainConfig().batch_size
+
+
+def test_toml_round_trip_documents_every_field(tmp_path):
+    config = TrainConfig(model="resnet32", milestones=[0.3], data='my folder/with "quotes"', lr=1e-3)
+    text = to_toml(config)
+    assert text.count("# ") >= len(TrainConfig.__dataclass_fields__)
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    assert TrainConfig(**load_toml(path)) == config
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("lrr = 0.1\n", "unknown setting 'lrr'"),
+        ('epochs = "ten"\n', "epochs must be int"),
+        ("epochs = [\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_files_name_the_file_and_the_problem(tmp_path, content, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    with pytest.raises(UserError, match=message) as err:
+        load_toml(path)
+    assert str(path) in str(err.value)
+
+
+def test_impossible_values_are_refused():
+    with pytest.raises(UserError, match="--epochs must be >= 1"):
+        TrainConfig(epochs=0).validate()
+    with pytest.raises(UserError, match="--milestones"):
+        TrainConfig(milestones=[1.5]).validate()
+
+
+def test_help_documents_every_field_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for name in TrainConfig.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in out
+    assert "(default: 0.1)" in out and "--no-nesterov" in out
+
+
+# --- a run ----------------------------------------------------------------------------------------
+
+
+def test_a_run_writes_its_folder_and_learns(tmp_path):
+    run = tmp_path / "run"
+    result = train(TrainConfig(**FAST, out=str(run)), progress=False)
+    assert {p.name for p in run.iterdir()} >= {
+        "config.toml",
+        "metrics.jsonl",
+        "checkpoints",
+        "result.json",
+        "curves.png",
+    }
+    lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert set(lines[0]) == {
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "val_loss",
+        "val_acc",
+        "lr",
+        "img_per_s",
+        "epoch_seconds",
+        "elapsed_seconds",
+    }
+    assert lines == result.history and lines[-1]["val_acc"] > 80  # 10 classes: chance is 10%
+    assert json.loads((run / "result.json").read_text())["final"] == lines[-1]
+    state = load_train_state(latest_checkpoint(run))
+    assert state["epoch"] == 2 and state["step"] == 0 and "optimizer" in state and "rng" in state
+    model, info = load_model(run)
+    assert info.classes == [str(i) for i in range(10)] and info.input_shape == (1, 8, 8)
+    assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+
+
+def test_an_existing_run_folder_is_not_overwritten(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("x")
+    with pytest.raises(UserError, match="--resume"):
+        train(TrainConfig(**FAST, out=str(tmp_path / "run")), progress=False)
+
+
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path):
+    # Interrupt a real training process with SIGTERM mid-epoch, resume it, and compare bit for bit.
+    common = ["train", "--model", "resnet20", "--epochs", "3", "--batch-size", "32", "--no-progress"]
+    straight = cli(*common, "--out", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+
+    run = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resnetlab", *common, "--out", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "latest").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the second epoch
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived (machine too fast for this timing)")
+    assert proc.returncode == 130, err
+    assert "Resume with: resnetlab train --resume" in err
+    state = load_train_state(latest_checkpoint(run))
+    assert state["step"] > 0, "the signal should have produced a mid-epoch checkpoint"
+
+    resumed = cli("train", "--resume", str(run), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = weights(tmp_path / "straight"), weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    epochs = [json.loads(s)["epoch"] for s in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    proc = cli("train", "--resume", str(tmp_path), "--lr", "0.5")
+    assert proc.returncode == 2 and "drop --lr" in proc.stderr
+
+
+def test_a_non_finite_loss_stops_the_run_and_writes_no_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    proc = cli(
+        "train",
+        "--model",
+        "residual_mlp",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e30",
+        "--optimizer",
+        "sgd",
+        "--warmup-epochs",
+        "0",
+        "--out",
+        str(run),
+        "--no-progress",
+    )
+    assert proc.returncode == 1
+    assert "non-finite at epoch 1, step" in proc.stderr and "Traceback" not in proc.stderr
+    assert latest_checkpoint(run) is None
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "resnet5"], "unknown model 'resnet5'"),
+        (["--data", "/no/such/dir"], "no such file or folder"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--batch-size", "5000"], "fewer than one batch"),
+        (["--config", "/no/such.toml"], "no such file"),
+        (["--device", "cuda:7"], "--device"),
+    ],
+)
+def test_user_mistakes_exit_2_without_traceback_or_files(tmp_path, argv, message):
+    run = tmp_path / "run"
+    proc = cli("train", *argv, "--out", str(run))
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not run.exists()
+
+
+# --- multi-process ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    args = [
+        "train",
+        "--model",
+        "residual_mlp",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
+    single = cli(*args, "--out", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "resnetlab",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert two.returncode == 0, two.stderr
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    one_hist = [json.loads(s) for s in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two_hist = [json.loads(s) for s in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_acc"] for r in one_hist] == [r["val_acc"] for r in two_hist]
