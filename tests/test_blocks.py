@@ -201,9 +201,7 @@ def test_shortcut_options(option, same_shape, kind):
     else:
         assert isinstance(sc, kind)
     if kind is nn.Sequential:
-        assert (
-            isinstance(sc[0], nn.Conv2d) and sc[0].kernel_size == (1, 1) and isinstance(sc[1], nn.BatchNorm2d)
-        )
+        assert isinstance(sc[0], nn.Conv2d) and sc[0].kernel_size == (1, 1) and isinstance(sc[1], nn.BatchNorm2d)
 
 
 def test_unknown_shortcut_option_is_an_error():
@@ -238,9 +236,7 @@ def test_residual_wrapper_plain_twin_drops_the_skip_module():
 
 
 def test_residual_wrapper_zero_init_last_gives_the_identity():
-    block = Residual(
-        nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 5), nn.BatchNorm1d(5))
-    )
+    block = Residual(nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 5), nn.BatchNorm1d(5)))
     block.zero_init_last()
     x = torch.randn(4, 5)
     assert torch.equal(block(x), x)

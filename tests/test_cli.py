@@ -63,7 +63,5 @@ def test_console_entry_point_runs_as_a_module():
     )
     assert proc.returncode == 0, proc.stderr
     assert "269,722" in proc.stdout and "40.6 M" in proc.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "resnetlab", "summary"], capture_output=True, text=True, timeout=120
-    )
+    bad = subprocess.run([sys.executable, "-m", "resnetlab", "summary"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "required" in bad.stderr

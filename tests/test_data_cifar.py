@@ -56,9 +56,7 @@ def py2_pickle(obj: object) -> bytes:
         if isinstance(x, np.ndarray):
             # numpy.core.multiarray._reconstruct(ndarray, (0,), "b"), then its state (shape, dtype, bytes)
             assert x.dtype == np.uint8
-            dtype = (
-                b"cnumpy\ndtype\n" + dump((b"u1", 0, 1)) + b"R" + dump((3, b"|", None, None, None, -1, -1, 0))
-            )
+            dtype = b"cnumpy\ndtype\n" + dump((b"u1", 0, 1)) + b"R" + dump((3, b"|", None, None, None, -1, -1, 0))
             return (
                 b"cnumpy.core.multiarray\n_reconstruct\n"
                 + b"cnumpy\nndarray\n"
@@ -143,9 +141,7 @@ def make_cifar100(root: Path, dump=py3_pickle) -> Made:
         (folder / name).write_bytes(dump(batch))
     fine_names = [f"fine_{i}".encode() for i in range(100)]
     coarse_names = [f"coarse_{i}".encode() for i in range(20)]
-    (folder / "meta").write_bytes(
-        dump({b"fine_label_names": fine_names, b"coarse_label_names": coarse_names})
-    )
+    (folder / "meta").write_bytes(dump({b"fine_label_names": fine_names, b"coarse_label_names": coarse_names}))
     classes = [n.decode() for n in fine_names]
     return Made(folder, classes, images[:6], fine[:6], images[6:], fine[6:])
 
@@ -309,9 +305,7 @@ class Exploit:
 
 @pytest.mark.parametrize("kind", ["os.system", "builtins.exec"])
 @pytest.mark.parametrize("as_archive", [False, True])
-def test_pickle_with_a_forbidden_global_is_refused_unrun(
-    tmp_path: Path, c10: Made, kind: str, as_archive: bool
-):
+def test_pickle_with_a_forbidden_global_is_refused_unrun(tmp_path: Path, c10: Made, kind: str, as_archive: bool):
     marker = tmp_path / "pwned"
     if kind == "os.system":
         exploit = Exploit(os.system, f"touch {shlex.quote(str(marker))}")

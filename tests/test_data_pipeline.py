@@ -109,9 +109,7 @@ def test_ranks_take_slices_of_the_same_global_batch():
     data = _data(48)
     single = InMemoryLoader(data, 12, train=True, augment=BatchAugment(crop_padding=2), seed=2)
     ranks = [
-        InMemoryLoader(
-            data, 12, train=True, augment=BatchAugment(crop_padding=2), seed=2, rank=r, world_size=3
-        )
+        InMemoryLoader(data, 12, train=True, augment=BatchAugment(crop_padding=2), seed=2, rank=r, world_size=3)
         for r in range(3)
     ]
     for step, (x, y) in enumerate(single.batches(1)):
@@ -124,11 +122,7 @@ def test_eval_loader_covers_every_image_once_in_order_without_augmentation():
     data = _data(21)
     loader = InMemoryLoader(data, 8, train=False, augment=BatchAugment(), seed=0)
     xs, ys = zip(*loader.batches(), strict=True)
-    assert (
-        len(loader) == 3
-        and torch.equal(torch.cat(xs), data.images)
-        and torch.equal(torch.cat(ys), data.labels)
-    )
+    assert len(loader) == 3 and torch.equal(torch.cat(xs), data.images) and torch.equal(torch.cat(ys), data.labels)
 
 
 def test_loader_refuses_a_batch_larger_than_the_training_split():

@@ -59,9 +59,7 @@ def test_eval_on_a_folder_of_class_folders_maps_classes_by_name(run, tmp_path, c
     result = _json_tail(capsys)
     assert result["split"] == "images" and result["images"] == 10
     confusion = np.array(result["confusion"])
-    assert (
-        confusion[[3, 7]].sum() == 10 and confusion.sum() == 10
-    )  # labels land on the model's classes 3 and 7
+    assert confusion[[3, 7]].sum() == 10 and confusion.sum() == 10  # labels land on the model's classes 3 and 7
 
 
 def test_eval_refuses_classes_the_model_does_not_know(run, tmp_path, capsys):
@@ -127,7 +125,7 @@ def test_predict_gives_the_models_top_classes(run, tmp_path, capsys):
     assert main(["predict", str(run), *paths, "--top-k", "3", "--json"]) == 0
     result = _json_tail(capsys)
     model, info = load_model(run)
-    from resnetlab.training.engine import Preprocess
+    from resnetlab.training.setup import Preprocess
 
     with torch.no_grad():
         probs = model(Preprocess(info.mean, info.std)(source.images[:3])).softmax(1)

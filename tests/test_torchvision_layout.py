@@ -469,9 +469,7 @@ def _table(text: str) -> list[tuple[str, tuple[int, ...]]]:
     return rows
 
 
-@pytest.mark.parametrize(
-    "name, table", [("resnet18", TORCHVISION_RESNET18), ("resnet50", TORCHVISION_RESNET50)]
-)
+@pytest.mark.parametrize("name, table", [("resnet18", TORCHVISION_RESNET18), ("resnet50", TORCHVISION_RESNET50)])
 def test_state_dict_keys_and_shapes_match_torchvision(name, table):
     ours = [(k, tuple(v.shape)) for k, v in create_model(name).state_dict().items()]
     assert ours == _table(table)
@@ -499,14 +497,10 @@ def _reference_forward(sd: dict, layers: list[int], bottleneck: bool, x: torch.T
             stride = 2 if stage > 1 and i == 0 else 1
             if bottleneck:
                 out = F.relu(_bn(F.conv2d(x, sd[p + ".conv1.weight"]), sd, p + ".bn1"))
-                out = F.relu(
-                    _bn(F.conv2d(out, sd[p + ".conv2.weight"], stride=stride, padding=1), sd, p + ".bn2")
-                )
+                out = F.relu(_bn(F.conv2d(out, sd[p + ".conv2.weight"], stride=stride, padding=1), sd, p + ".bn2"))
                 out = _bn(F.conv2d(out, sd[p + ".conv3.weight"]), sd, p + ".bn3")
             else:
-                out = F.relu(
-                    _bn(F.conv2d(x, sd[p + ".conv1.weight"], stride=stride, padding=1), sd, p + ".bn1")
-                )
+                out = F.relu(_bn(F.conv2d(x, sd[p + ".conv1.weight"], stride=stride, padding=1), sd, p + ".bn1"))
                 out = _bn(F.conv2d(out, sd[p + ".conv2.weight"], padding=1), sd, p + ".bn2")
             if p + ".downsample.0.weight" in sd:
                 x = _bn(F.conv2d(x, sd[p + ".downsample.0.weight"], stride=stride), sd, p + ".downsample.1")
@@ -535,6 +529,4 @@ def test_torchvision_format_state_dict_gives_torchvision_outputs(name, layers, b
     model.load_state_dict(sd, strict=True)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(
-            model(x), _reference_forward(sd, layers, bottleneck, x), rtol=1e-4, atol=1e-4
-        )
+        torch.testing.assert_close(model(x), _reference_forward(sd, layers, bottleneck, x), rtol=1e-4, atol=1e-4)

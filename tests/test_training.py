@@ -24,9 +24,7 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def cli(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "resnetlab", *argv], capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([sys.executable, "-m", "resnetlab", *argv], capture_output=True, text=True, timeout=timeout)
 
 
 # --- configuration --------------------------------------------------------------------------------

@@ -167,9 +167,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         pass
     if not root.is_dir():
         return None
-    complete = sorted(
-        p for p in root.iterdir() if _CKPT_NAME.fullmatch(p.name) and (p / STATE_FILE).is_file()
-    )
+    complete = sorted(p for p in root.iterdir() if _CKPT_NAME.fullmatch(p.name) and (p / STATE_FILE).is_file())
     return complete[-1] if complete else None
 
 

@@ -13,7 +13,8 @@ from .data.split import stratified_split
 from .data.types import DataSource, ImageArray, Split
 from .errors import UserError
 from .training.config import TrainConfig, config_from_toml_text
-from .training.engine import Preprocess, evaluate, make_loader, resolve_device
+from .training.evaluate import evaluate
+from .training.setup import Preprocess, make_loader, resolve_device
 
 
 def _training_config(info: ModelInfo) -> TrainConfig:
@@ -69,9 +70,7 @@ def evaluate_checkpoint(
     dev = resolve_device(device)
     model, info = load_model(checkpoint, map_location=dev)
     if info is None:
-        raise UserError(
-            f"{checkpoint}: a bare state_dict has no class names or normalisation to evaluate with"
-        )
+        raise UserError(f"{checkpoint}: a bare state_dict has no class names or normalisation to evaluate with")
     config = _training_config(info)
     spec = data or config.data
     c, h, w = info.input_shape

@@ -11,7 +11,7 @@ import torch
 from .checkpoint import load_model
 from .data.folder import decode_image, fit_image
 from .errors import UserError
-from .training.engine import Preprocess, resolve_device
+from .training.setup import Preprocess, resolve_device
 
 
 def load_images(paths: list[str | Path], shape: tuple[int, int, int]) -> torch.Tensor:
@@ -39,9 +39,7 @@ def predict(
     dev = resolve_device(device)
     model, info = load_model(checkpoint, map_location=dev)
     if info is None:
-        raise UserError(
-            f"{checkpoint}: a bare state_dict has no class names or normalisation to predict with"
-        )
+        raise UserError(f"{checkpoint}: a bare state_dict has no class names or normalisation to predict with")
     batch = load_images(images, info.input_shape).to(dev)
     with torch.no_grad():
         probs = model(Preprocess(info.mean, info.std).to(dev)(batch)).softmax(1).cpu()

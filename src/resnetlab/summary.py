@@ -47,9 +47,7 @@ class ModelSummary:
         for i, row in enumerate(table):
             if i == len(table) - 1:
                 lines.append("-" * (sum(widths) + 6))
-            lines.append(
-                f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]:>{widths[3]}}"
-            )
+            lines.append(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]:>{widths[3]}}")
         lines.append(f"trainable params: {self.trainable_params:,}")
         return "\n".join(lines)
 
@@ -65,39 +63,49 @@ def format_count(n: float) -> str:
 def summarize(model: Classifier, input_size: Sequence[int] | None = None, name: str = "") -> ModelSummary:
     """Run one input of ``input_size`` (default: the model's own) through ``model`` and tabulate it.
 
-    Rows are the stem (everything before the first stage), each stage, and the head (everything
-    after the last stage: final normalisation, pooling, classifier).
+    Rows are the stem (everything before the first stage), each stage of ``model.stages()`` (with
+    whatever runs between it and the previous stage), and the head (everything after the last stage:
+    final normalisation, pooling, classifier).
     """
     size = tuple(input_size or model.default_input_size)
     if len(size) != 3 or min(size) < 1:
         raise ValueError(f"input size must be (channels, height, width) of positive ints, got {size}")
     if size[0] != model.in_chans:
         raise ValueError(f"the model takes {model.in_chans} input channels, the input size says {size[0]}")
-    stages = [getattr(model, n) for n in model.stage_names]
-    groups: dict[str, list[nn.Module]] = {"stem": []}
+    stages = model.stages()
+    names = [n for n, _ in stages]
+    starts = {id(mods[0]): n for n, mods in stages}
+    ends = {id(mods[-1]): i for i, (_, mods) in enumerate(stages)}
+    phase = ["stem"]
+    params: dict[str, int] = {}
+    counted: set[int] = set()
     shapes: dict[str, tuple[int, ...]] = {}
     flops_at: dict[str, int] = {}
-    phase = ["stem"]
     counter = FlopCounterMode(display=False)
+
+    def pre(module: nn.Module, args: tuple) -> None:
+        if id(module) in starts and "stem" not in shapes:
+            shapes["stem"] = tuple(args[0].shape[1:])
+            flops_at["stem"] = counter.get_total_flops()
+        if id(module) in starts:
+            phase[0] = starts[id(module)]
+        if id(module) not in counted:
+            counted.add(id(module))
+            own = sum(p.numel() for p in module.parameters(recurse=False))
+            params[phase[0]] = params.get(phase[0], 0) + own
+
+    def post(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if id(module) in ends:
+            i = ends[id(module)]
+            shapes[names[i]] = tuple(output.shape[1:])
+            flops_at[names[i]] = counter.get_total_flops()
+            phase[0] = names[i + 1] if i + 1 < len(names) else "head"
+
     hooks = []
-
-    def child_pre(module: nn.Module, args: tuple) -> None:
-        if module in stages:
-            shapes.setdefault(phase[0], tuple(args[0].shape[1:]))
-            flops_at.setdefault(phase[0], counter.get_total_flops())
-            phase[0] = model.stage_names[stages.index(module)]
-        if not any(module is m for ms in groups.values() for m in ms):
-            groups.setdefault(phase[0], []).append(module)
-
-    def child_post(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if module in stages:
-            shapes[phase[0]] = tuple(output.shape[1:])
-            flops_at[phase[0]] = counter.get_total_flops()
-            phase[0] = "head"
-
-    for child in model.children():
-        hooks.append(child.register_forward_pre_hook(child_pre))
-        hooks.append(child.register_forward_hook(child_post))
+    for module in model.modules():
+        hooks.append(module.register_forward_pre_hook(pre))
+        if id(module) in ends:
+            hooks.append(module.register_forward_hook(post))
     was_training = model.training
     model.eval()
     try:
@@ -114,9 +122,8 @@ def summarize(model: Classifier, input_size: Sequence[int] | None = None, name: 
 
     summary = ModelSummary(model=name or type(model).__name__, input_size=size)
     previous = 0
-    for group in ["stem", *model.stage_names, "head"]:
-        params = sum(p.numel() for m in groups.get(group, []) for p in m.parameters())
-        summary.rows.append(SummaryRow(group, shapes[group], params, (flops_at[group] - previous) // 2))
+    for group in ["stem", *names, "head"]:
+        summary.rows.append(SummaryRow(group, shapes[group], params.get(group, 0), (flops_at[group] - previous) // 2))
         previous = flops_at[group]
     summary.params = sum(p.numel() for p in model.parameters())
     summary.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -53,9 +53,12 @@ class BasicBlock(ResidualBlock):
         self.bn2 = norm_layer(planes)
         self.downsample = None if plain else make_shortcut(shortcut, in_channels, planes, stride, norm_layer)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        return self.bn2(self.conv2(out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.residual(x)
         if not self.plain:
             out = out + self.shortcut(x)
         return self.relu(out)
@@ -97,14 +100,15 @@ class Bottleneck(ResidualBlock):
         self.conv3 = conv1x1(width, out_channels)
         self.bn3 = norm_layer(out_channels)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = (
-            None if plain else make_shortcut(shortcut, in_channels, out_channels, stride, norm_layer)
-        )
+        self.downsample = None if plain else make_shortcut(shortcut, in_channels, out_channels, stride, norm_layer)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        return self.bn3(self.conv3(out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.residual(x)
         if not self.plain:
             out = out + self.shortcut(x)
         return self.relu(out)

@@ -9,17 +9,17 @@ from torch import nn
 
 from .residual import ResidualBlock
 
-FCNorm = Literal["batch", "layer"] | None
+FCNorm = Literal["batch", "layer", "none"] | None
 
 
 def fc_norm(kind: FCNorm, width: int) -> nn.Module:
-    if kind is None:
+    if kind is None or kind == "none":
         return nn.Identity()
     if kind == "batch":
         return nn.BatchNorm1d(width)
     if kind == "layer":
         return nn.LayerNorm(width)
-    raise ValueError(f"norm must be None, 'batch' or 'layer', got {kind!r}")
+    raise ValueError(f"norm must be 'batch', 'layer' or 'none', got {kind!r}")
 
 
 class FCResidualBlock(ResidualBlock):
@@ -41,10 +41,13 @@ class FCResidualBlock(ResidualBlock):
         self.norm2 = fc_norm(norm, width)
         self.relu = nn.ReLU()
 
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
+    def residual(self, a: torch.Tensor) -> torch.Tensor:
         z1 = self.norm1(self.fc1(a))
         a1 = self.relu(z1)
-        z2 = self.norm2(self.fc2(a1))
+        return self.norm2(self.fc2(a1))  # z2
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        z2 = self.residual(a)
         if not self.plain:
             z2 = z2 + a
         return self.relu(z2)

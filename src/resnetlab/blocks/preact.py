@@ -36,6 +36,22 @@ class _PreActBlock(ResidualBlock):
             return self.downsample(x)
         return self.downsample(preact)
 
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return self._shortcut_from(x, self.relu(self.bn1(x)))
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        return self._branch(self.relu(self.bn1(x)))
+
+    def _branch(self, preact: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        preact = self.relu(self.bn1(x))
+        out = self._branch(preact)
+        if not self.plain:
+            out = out + self._shortcut_from(x, preact)
+        return out
+
 
 class PreActBasicBlock(_PreActBlock):
     """BN, ReLU, 3x3 conv, BN, ReLU, 3x3 conv; add the shortcut. Output width ``planes``."""
@@ -70,13 +86,9 @@ class PreActBasicBlock(_PreActBlock):
         self.conv2 = conv3x3(planes, planes)
         self._make_shortcut(shortcut, in_channels, planes, stride, plain)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        preact = self.relu(self.bn1(x))
+    def _branch(self, preact: torch.Tensor) -> torch.Tensor:
         out = self.conv1(preact)
-        out = self.conv2(self.relu(self.bn2(out)))
-        if not self.plain:
-            out = out + self._shortcut_from(x, preact)
-        return out
+        return self.conv2(self.relu(self.bn2(out)))
 
 
 class PreActBottleneck(_PreActBlock):
@@ -112,11 +124,7 @@ class PreActBottleneck(_PreActBlock):
         self.conv3 = conv1x1(width, out_channels)
         self._make_shortcut(shortcut, in_channels, out_channels, stride, plain)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        preact = self.relu(self.bn1(x))
+    def _branch(self, preact: torch.Tensor) -> torch.Tensor:
         out = self.conv1(preact)
         out = self.conv2(self.relu(self.bn2(out)))
-        out = self.conv3(self.relu(self.bn3(out)))
-        if not self.plain:
-            out = out + self._shortcut_from(x, preact)
-        return out
+        return self.conv3(self.relu(self.bn3(out)))

@@ -34,8 +34,16 @@ class ResidualBlock(nn.Module):
         module = getattr(self, "downsample", None)
         return x if module is None else module(x)
 
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The branch ``F(x)``: what the block adds to its shortcut."""
+        raise NotImplementedError
+
+    def post_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """What follows the addition: a ReLU in the original blocks, nothing in pre-activation ones."""
+        return x if self.preact else torch.relu(x)
+
     def zero_init_last(self) -> None:
-        """Zero the branch's last normalisation weight so the block starts as its shortcut.
+        """Zero the branch's last normalisation weight (and shift) so the block is its shortcut.
 
         Goyal et al. 2017 ("Accurate, Large Minibatch SGD", sec. 5.1) found this helps large-batch
         training. A plain block has no shortcut to fall back to: it would output ``post_act(0)``.
@@ -54,14 +62,17 @@ class ResidualBlock(nn.Module):
 
 
 def zero_last_layer(modules: list[nn.Module]) -> None:
-    """Zero the weight of the last normalisation layer in ``modules``.
+    """Zero the weight (and shift) of the last normalisation layer in ``modules``.
 
     Without one, zero the weight and bias of the last layer that has a weight, which equally makes the
     branch output zero when nothing after it adds a constant.
     """
     norms = [m for m in modules if isinstance(m, NORM_TYPES) and getattr(m, "weight", None) is not None]
     if norms:
+        # The shift too: zero at initialisation anyway, but in a trained block it would remain as F(x).
         nn.init.zeros_(norms[-1].weight)
+        if norms[-1].bias is not None:
+            nn.init.zeros_(norms[-1].bias)
         return
     weighted = [m for m in modules if isinstance(getattr(m, "weight", None), torch.Tensor)]
     if not weighted:
@@ -104,6 +115,12 @@ class Residual(ResidualBlock):
 
     def branch_modules(self) -> list[nn.Module]:
         return list(self.branch.modules())
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        return self.branch(x)
+
+    def post_activation(self, x: torch.Tensor) -> torch.Tensor:
+        return self.post_act(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.branch(x)

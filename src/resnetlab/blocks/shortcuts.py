@@ -57,9 +57,7 @@ class PadShortcut(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
 
 
-def projection(
-    in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer | None
-) -> nn.Sequential:
+def projection(in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer | None) -> nn.Sequential:
     """A 1x1 convolution (no bias), followed by ``norm_layer`` unless it is ``None``.
 
     The modules sit at indices 0 and 1 so the keys are torchvision's ``downsample.0`` / ``.1``.

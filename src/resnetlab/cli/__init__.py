@@ -14,16 +14,14 @@ from collections.abc import Sequence
 from .. import __version__
 from ..errors import UserError
 from ..training.engine import TrainingStopped
-from . import evaluate, export, models, predict, train
+from . import evaluate, experiments, export, models, predict, train
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="resnetlab", description="Build, train and study residual networks."
-    )
+    parser = argparse.ArgumentParser(prog="resnetlab", description="Build, train and study residual networks.")
     parser.add_argument("--version", action="version", version=f"resnetlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (train, evaluate, predict, export, models):
+    for module in (train, evaluate, predict, export, experiments, models):
         module.register(sub)
     return parser
 

@@ -6,6 +6,4 @@ import argparse
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--json", action="store_true", help="print the result as one JSON object on the last line"
-    )
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")

@@ -35,9 +35,7 @@ def run_train(args: argparse.Namespace) -> dict:
     if args.resume:
         extra = cfg.given_flags(args) + (["--config"] if args.config else [])
         if extra:
-            raise UserError(
-                f"--resume continues {args.resume} with its saved settings; drop {', '.join(extra)}"
-            )
+            raise UserError(f"--resume continues {args.resume} with its saved settings; drop {', '.join(extra)}")
         result = train(resume=args.resume, progress=not args.no_progress)
     else:
         result = train(cfg.config_from_args(args), progress=not args.no_progress)

@@ -15,9 +15,7 @@ import torch
 PadMode = Literal["reflect", "zeros"]
 
 
-def _padded_index(
-    offset: torch.Tensor, size: int, pad: int, mode: PadMode
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _padded_index(offset: torch.Tensor, size: int, pad: int, mode: PadMode) -> tuple[torch.Tensor, torch.Tensor]:
     """For crops starting at ``offset - pad``: source indices (B, size) and a mask of in-image ones."""
     idx = offset.view(-1, 1) - pad + torch.arange(size, device=offset.device)
     inside = (idx >= 0) & (idx < size)
@@ -44,9 +42,7 @@ class BatchAugment:
         flips = torch.rand(n, generator=generator) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
         return dy, dx, flips
 
-    def apply(
-        self, images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flips: torch.Tensor
-    ) -> torch.Tensor:
+    def apply(self, images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         """Augment uint8 ``images`` (B, C, H, W) with the given parameters (from :meth:`params`)."""
         b, c, h, w = images.shape
         dev = images.device

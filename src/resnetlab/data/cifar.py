@@ -279,9 +279,7 @@ def load_cifar(name: str, path: Path, *, md5: str | None | Literal["auto"] = "au
                 batches[member] = _parse_batch(data, where[member], spec)
     missing = sorted(wanted - set(batches) - ({spec.meta} if classes else set()))
     if missing:
-        raise UserError(
-            f"{source}: not a complete {name} data set, missing {', '.join(where[n] for n in missing)}"
-        )
+        raise UserError(f"{source}: not a complete {name} data set, missing {', '.join(where[n] for n in missing)}")
 
     def split(files: tuple[str, ...]) -> ImageArray:
         images = np.concatenate([batches[f][0] for f in files])  # a copy: writable, owned by torch

@@ -366,9 +366,7 @@ def _layout(root: Path, archive: bool, tree: _Tree, classes: Sequence[str] | Non
                     f"class folder {where} has no image files ({', '.join(IMAGE_EXTENSIONS)}): "
                     "add images or remove the folder"
                 )
-        items = [
-            (key, index[cls]) for cls in sorted(found, key=index.__getitem__) for key in sorted(found[cls])
-        ]
+        items = [(key, index[cls]) for cls in sorted(found, key=index.__getitem__) for key in sorted(found[cls])]
         if items:  # an empty val/ or test/ folder is left out rather than giving an empty split
             scan.splits[split] = items
     return scan
@@ -381,9 +379,7 @@ def _check_root(root: Path) -> None:
         raise UserError(f"{root} is neither a folder nor a {'/'.join(ARCHIVE_SUFFIXES)} archive")
 
 
-def scan_image_folder(
-    root: Path, *, classes: Sequence[str] | None = None
-) -> tuple[list[str], dict[str, FileList]]:
+def scan_image_folder(root: Path, *, classes: Sequence[str] | None = None) -> tuple[list[str], dict[str, FileList]]:
     """Find the images of a folder or archive without decoding them: (classes, {split: FileList}).
 
     ``classes`` fixes the class list (e.g. a trained model's) instead of taking the train split's.
@@ -448,9 +444,7 @@ def _write_cache(path: Path, key: str, decoded: _Decoded) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=".images-", suffix=".tmp", delete=False
-        ) as f:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".images-", suffix=".tmp", delete=False) as f:
             tmp = f.name
             np.savez(f, **arrays)  # uncompressed: loading is a plain read, the point of the cache
             f.flush()
@@ -491,9 +485,7 @@ def _assemble(
     good = {s: items for s, items in good.items() if items}
     reference = "train" if "train" in scan.splits else next(iter(scan.splits))
     counts = np.bincount([lb for _, lb in good.get(reference, [])], minlength=len(scan.classes))
-    if reference in ("train", "images") and (
-        lost := [c for c, n in zip(scan.classes, counts, strict=True) if n == 0]
-    ):
+    if reference in ("train", "images") and (lost := [c for c, n in zip(scan.classes, counts, strict=True) if n == 0]):
         raise UserError(f"no readable images left for class(es) {', '.join(lost)} in {scan.root}")
 
     first_of_size: dict[tuple[int, int], str] = {}
@@ -536,9 +528,7 @@ def _fingerprint(root: Path, scan: _Scan | None) -> list[object]:
 
 def _fits_in_memory(arrays: list[ImageArray]) -> bool:
     n_bytes = sum(a.images.numel() for a in arrays)
-    return (
-        n_bytes <= IN_MEMORY_MAX_BYTES and max(max(a.images.shape[2:]) for a in arrays) <= IN_MEMORY_MAX_SIDE
-    )
+    return n_bytes <= IN_MEMORY_MAX_BYTES and max(max(a.images.shape[2:]) for a in arrays) <= IN_MEMORY_MAX_SIDE
 
 
 def _decode_all(
@@ -813,7 +803,5 @@ class ImageFileDataset(torch.utils.data.Dataset):
         else:
             img = _center_crop(_resize_shorter(img, round(size / EVAL_CROP_FRACTION)), size)
         arr = np.array(img)  # a writable copy, which torch.from_numpy wants
-        tensor = (
-            torch.from_numpy(arr).unsqueeze(0) if arr.ndim == 2 else torch.from_numpy(arr).permute(2, 0, 1)
-        )
+        tensor = torch.from_numpy(arr).unsqueeze(0) if arr.ndim == 2 else torch.from_numpy(arr).permute(2, 0, 1)
         return tensor.contiguous(), self.labels[index]

@@ -114,9 +114,7 @@ class StreamingLoader(_Loader):
         from .folder import ImageFileDataset
 
         super().__init__(len(files), batch_size, train, seed, rank, world_size)
-        self.dataset = ImageFileDataset(
-            files, image_size=image_size, channels=channels, train=train, seed=seed
-        )
+        self.dataset = ImageFileDataset(files, image_size=image_size, channels=channels, train=train, seed=seed)
         self.workers = workers
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:

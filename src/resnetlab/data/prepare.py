@@ -49,9 +49,7 @@ def load_source(
         return load_cifar(spec, find_cifar(spec, root, download=download))
     path = Path(spec).expanduser()
     if not path.exists():
-        raise UserError(
-            f"--data {spec!r}: no such file or folder, and not a data set name ({', '.join(DATA_NAMES)})"
-        )
+        raise UserError(f"--data {spec!r}: no such file or folder, and not a data set name ({', '.join(DATA_NAMES)})")
     kind = is_cifar_path(path)
     if kind is not None:
         return load_cifar(kind, path)
@@ -81,6 +79,7 @@ def prepare_data(
     *,
     val_fraction: float = 0.1,
     split_seed: int = 0,
+    train_fraction: float = 1.0,
     data_root: str | Path = "",
     download: bool = False,
     image_size: int | None = None,
@@ -89,8 +88,9 @@ def prepare_data(
     seed: int = 0,
 ) -> PreparedData:
     """Load ``spec`` and split it: a ``val`` split of the source is used as is; otherwise a stratified
-    ``val_fraction`` of the training split is held out. The test split is kept apart, unused unless a
-    command asks for it by name.
+    ``val_fraction`` of the training split is held out. ``train_fraction`` < 1 then keeps only that
+    stratified part of the rest for training. The test split is kept apart, unused unless a command
+    asks for it by name.
     """
     source = load_source(
         spec,
@@ -110,11 +110,13 @@ def prepare_data(
     elif val_fraction > 0:
         train_idx, val_idx = stratified_split(train.labels, val_fraction, split_seed)
         train, val = train.subset(train_idx), train.subset(val_idx)
-        val_source = (
-            f"{val_fraction:.0%} of the training split held out (stratified, split seed {split_seed})"
-        )
+        val_source = f"{val_fraction:.0%} of the training split held out (stratified, split seed {split_seed})"
     else:
         val_source = "none"
+    if train_fraction < 1:
+        # A stratified subset for quick studies; the validation split stays whole.
+        keep, _ = stratified_split(train.labels, 1 - train_fraction, split_seed + 1)
+        train = train.subset(keep)
     mean, std = channel_stats(train)
     return PreparedData(
         name=source.name,

@@ -16,9 +16,7 @@ def parse_synthetic(spec: str) -> tuple[int, int, int, int, int]:
     """``synthetic[:CxHxW[:classes[:images]]]`` -> (C, H, W, classes, images)."""
     m = re.fullmatch(r"synthetic(?::(\d+)x(\d+)x(\d+))?(?::(\d+))?(?::(\d+))?", spec)
     if m is None:
-        raise UserError(
-            f"--data {spec!r}: write synthetic, synthetic:CxHxW, synthetic:CxHxW:CLASSES[:IMAGES]"
-        )
+        raise UserError(f"--data {spec!r}: write synthetic, synthetic:CxHxW, synthetic:CxHxW:CLASSES[:IMAGES]")
     values = [int(v) if v is not None else d for v, d in zip(m.groups(), DEFAULT_SPEC, strict=True)]
     if min(values) < 1 or values[3] < 2:
         raise UserError(f"--data {spec!r}: sizes must be positive and there must be at least 2 classes")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -86,30 +86,36 @@ class Classifier(nn.Module):
         self.grad_checkpointing = enable
         self.blocks_per_segment = blocks_per_segment
 
-    def run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
-            return stage(x)
+    def stages(self) -> list[tuple[str, list[nn.Module]]]:
+        """The stages named in ``feature_info``, each as its list of modules in forward order."""
+        return [(name, list(self.get_submodule(name))) for name in self.stage_names]
+
+    def run_stage(self, stage: Iterable[nn.Module], x: torch.Tensor) -> torch.Tensor:
+        """Run a stage's modules, with gradient checkpointing when it is on and the model trains."""
         blocks = list(stage)
+        if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
+            for block in blocks:
+                x = block(x)
+            return x
         size = self.blocks_per_segment or max(1, round(math.sqrt(len(blocks))))
         for start in range(0, len(blocks), size):
             segment = nn.Sequential(*blocks[start : start + size])
             x = checkpoint(segment, x, use_reentrant=False, context_fn=_recompute_keeps_norm_stats(segment))
         return x
 
-    def forward_intermediates(
-        self, x: torch.Tensor, indices: Sequence[int] | None = None
-    ) -> list[torch.Tensor]:
+    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] | None = None) -> list[torch.Tensor]:
         """The outputs of the stages named in ``feature_info`` (all, or those at ``indices``)."""
-        wanted = set(range(len(self.stage_names)) if indices is None else indices)
+        stages = self.stages()
+        wanted = set(range(len(stages)) if indices is None else indices)
         for i in wanted:
-            if not 0 <= i < len(self.stage_names):
-                raise IndexError(f"feature index {i} out of range for {len(self.stage_names)} stages")
+            if not 0 <= i < len(stages):
+                raise IndexError(f"feature index {i} out of range for {len(stages)} stages")
         out = []
         x = self.forward_stem(x)
-        for i, name in enumerate(self.stage_names):
+        for i, (_, modules) in enumerate(stages):
             if i > max(wanted):
                 break
-            x = self.run_stage(getattr(self, name), x)
+            x = self.run_stage(modules, x)
             if i in wanted:
                 out.append(x)
         return out
@@ -163,8 +169,7 @@ def initialise(
     if zero_init_residual:
         if getattr(model, "plain", False):
             raise ValueError(
-                "zero_init_residual=True needs shortcuts: in a plain network every block would start "
-                "by outputting zero"
+                "zero_init_residual=True needs shortcuts: in a plain network every block would start by outputting zero"
             )
         for block in blocks:
             block.zero_init_last()

@@ -56,9 +56,7 @@ class ResidualMLP(Classifier):
         self.stem = nn.Linear(in_chans * self.input_size[0] * self.input_size[1], width)
         self.stem_norm = fc_norm(norm, width)
         self.relu = nn.ReLU()
-        self.blocks = nn.Sequential(
-            *[FCResidualBlock(width, norm=norm, plain=plain) for _ in range(depth // 2)]
-        )
+        self.blocks = nn.Sequential(*[FCResidualBlock(width, norm=norm, plain=plain) for _ in range(depth // 2)])
         self.fc = nn.Linear(width, num_classes) if num_classes else nn.Identity()
         self.stage_names = ["blocks"]
         self.feature_info = [FeatureInfo("blocks", width, 1)]

@@ -59,9 +59,7 @@ def model_entry(name: str) -> ModelEntry:
     except KeyError:
         close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.6)
         hint = f"; closest: {', '.join(close)}" if close else ""
-        raise UnknownModelError(
-            f"unknown model {name!r}{hint} (`resnetlab list` shows all {len(_MODELS)})"
-        ) from None
+        raise UnknownModelError(f"unknown model {name!r}{hint} (`resnetlab list` shows all {len(_MODELS)})") from None
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:

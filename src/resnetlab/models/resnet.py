@@ -56,7 +56,8 @@ class ResNet(Classifier):
         groups, width_per_group: ResNeXt cardinality and Wide-ResNet width (bottlenecks only).
         stride_in_1x1: put a bottleneck's stride on its first 1x1 conv (the paper's v1).
         zero_init_residual: start every block as its shortcut (``zero_init_last``).
-        norm_layer: normalisation factory, ``BatchNorm2d`` by default.
+        norm_layer: normalisation factory, ``BatchNorm2d`` by default; ``"none"`` builds the network
+            without normalisation (every norm an identity), for the studies of what BN changes.
         input_size: the ``(height, width)`` the network is meant for (224 or 32 by the stem); the
             network itself takes any size, this sets ``default_input_size`` for summaries and export.
     """
@@ -77,7 +78,7 @@ class ResNet(Classifier):
         width_per_group: int = 64,
         stride_in_1x1: bool = False,
         zero_init_residual: bool = False,
-        norm_layer: NormLayer | None = None,
+        norm_layer: NormLayer | Literal["batch", "none"] | None = None,
         input_size: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
@@ -90,7 +91,12 @@ class ResNet(Classifier):
         if num_classes < 0 or in_chans < 1:
             raise ValueError(f"need num_classes >= 0 and in_chans >= 1, got {num_classes}, {in_chans}")
         rng_state = torch.get_rng_state()  # initialise() rewinds to it (same draws as the plain twin)
-        norm_layer = norm_layer or nn.BatchNorm2d
+        if norm_layer == "none":
+            norm_layer = no_norm
+        elif norm_layer in (None, "batch"):
+            norm_layer = nn.BatchNorm2d
+        elif not callable(norm_layer):
+            raise ValueError(f"norm_layer must be a callable, 'batch' or 'none', got {norm_layer!r}")
         stem_width = stem_width or widths[0]
         self.preact = bool(getattr(block, "preact", False))
         self.plain = plain
@@ -163,6 +169,11 @@ class ResNet(Classifier):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = torch.flatten(self.avgpool(x), 1)
         return x if pre_logits else self.fc(x)
+
+
+def no_norm(channels: int) -> nn.Module:
+    """A normalisation slot left empty (a named function, so models built with it pickle)."""
+    return nn.Identity()
 
 
 def make_stage(
@@ -280,6 +291,12 @@ def preact_cifar_resnet(depth: int, bottleneck: bool, **kwargs: Any) -> ResNet:
     block = PreActBottleneck if bottleneck else PreActBasicBlock
     defaults = {**_CIFAR_DEFAULTS, "shortcut": "B"}
     return ResNet(block, [n] * 3, CIFAR_WIDTHS, **{**defaults, **kwargs})
+
+
+@register_model
+def resnet_cifar(depth: int = 20, **kwargs: Any) -> ResNet:
+    """CIFAR ResNet of any depth 6n+2 (depth=14, 26, ...), option A; resnet20 by default."""
+    return cifar_resnet(depth, **kwargs)
 
 
 @register_model

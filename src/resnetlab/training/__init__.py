@@ -1,7 +1,8 @@
 """Training: configuration, optimisation, the loop, checkpoints and progress."""
 
 from .config import TrainConfig
-from .engine import EvalResult, Interrupted, NonFiniteLoss, TrainingStopped, TrainResult, evaluate, train
+from .engine import Interrupted, NonFiniteLoss, Trainer, TrainingStopped, TrainResult, train
+from .evaluate import EvalResult, evaluate
 
 __all__ = [
     "EvalResult",
@@ -9,6 +10,7 @@ __all__ = [
     "NonFiniteLoss",
     "TrainConfig",
     "TrainResult",
+    "Trainer",
     "TrainingStopped",
     "evaluate",
     "train",

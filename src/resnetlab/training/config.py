@@ -27,8 +27,8 @@ else:  # pragma: no cover
 
 def knob(default: Any, help: str) -> Any:
     """A field with its one-line documentation (shown by ``--help`` and written into config.toml)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -39,6 +39,14 @@ class TrainConfig:
     plain: bool = knob(False, "train the model's plain twin (the same network without shortcuts)")
     zero_init_residual: bool = knob(False, "start every residual block as its shortcut (last BN at zero)")
     grad_checkpointing: bool = knob(False, "recompute activations in backward: memory ~ sqrt(depth)")
+    init_weights: str = knob(
+        "",
+        "start from these weights (run folder or model.safetensors); a classifier of another size is "
+        "replaced by a fresh one",
+    )
+    model_args: dict = knob(
+        {}, "extra constructor arguments of the model, e.g. depth=32 width=128 norm=batch shortcut=B"
+    )
 
     # --- data ------------------------------------------------------------------------------------
     data: str = knob(
@@ -50,6 +58,7 @@ class TrainConfig:
     download: bool = knob(False, "download cifar10/cifar100 from the official address if missing")
     val_fraction: float = knob(0.1, "fraction of the training split held out for validation (stratified)")
     split_seed: int = knob(0, "seed of the validation split (independent of --seed)")
+    train_fraction: float = knob(1.0, "train on this stratified fraction of the remaining training images")
     image_size: int = knob(0, "resize image folders to this size (shorter side, centre crop); 0 = native")
     skip_bad_images: bool = knob(False, "skip (and list) image files that fail to decode instead of stopping")
     augment: Literal["auto", "none", "flip", "crop", "crop+flip"] = knob(
@@ -98,6 +107,7 @@ class TrainConfig:
             (self.epochs >= 1, "--epochs must be >= 1"),
             (self.batch_size >= 1, "--batch-size must be >= 1"),
             (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
+            (0 < self.train_fraction <= 1, "--train-fraction must be in (0, 1]"),
             (self.image_size >= 0, "--image-size must be >= 0"),
             (self.crop_padding >= 0, "--crop-padding must be >= 0"),
             (self.workers >= 0, "--workers must be >= 0"),
@@ -141,6 +151,10 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     """Check a TOML value against the field's type (ints are accepted for floats)."""
     hint = _hints()[name]
     base = str if typing.get_origin(hint) is Literal else hint
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: {name} must be a table, e.g. {{ depth = 32 }}, got {value!r}")
+        return dict(value)
     if typing.get_origin(hint) is list:
         if not isinstance(value, list) or not all(isinstance(v, int | float) for v in value):
             raise UserError(f"{where}: {name} must be a list of numbers, got {value!r}")
@@ -183,6 +197,8 @@ def to_toml(config: TrainConfig) -> str:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):
@@ -206,11 +222,31 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(hint) is list:
             kwargs.update(type=float, nargs="+", metavar="X")
+        elif hint is dict:
+            kwargs.update(type=_key_value, nargs="+", metavar="KEY=VALUE", action=_MergeDict)
         elif typing.get_origin(hint) is Literal:
             kwargs.update(choices=typing.get_args(hint))
         else:
             kwargs.update(type=hint, metavar=hint.__name__.upper())
         group.add_argument(f"--{_flag(f.name)}", help=help_text, **kwargs)
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """``depth=32`` -> ("depth", 32); values are read as JSON (numbers, true/false) or else as text."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+class _MergeDict(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        merged = dict(getattr(namespace, self.dest, None) or {})
+        merged.update(values)
+        setattr(namespace, self.dest, merged)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -220,7 +256,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         values.update(load_toml(args.config))
     for f in dataclasses.fields(TrainConfig):
         if hasattr(args, f.name):
-            values[f.name] = getattr(args, f.name)
+            given = getattr(args, f.name)
+            values[f.name] = {**values.get(f.name, {}), **given} if isinstance(given, dict) else given
     config = TrainConfig(**values)
     config.validate()
     return config

@@ -1,0 +1,184 @@
+"""Training throughput: resnetlab's training step against a plain eager PyTorch baseline, one process.
+
+Both train the same registered model on the same decoded images with the same optimiser and the
+same augmentation (pad-4 random crop and flip):
+
+- **baseline**: what a user writes from the tutorials: NCHW float32, eager, a ``Dataset`` that
+  augments and normalises one image at a time, a standard ``DataLoader`` (shuffle, ``num_workers``).
+- **resnetlab**: the ``Trainer`` that ``resnetlab train`` uses, with the flags given here
+  (``--channels-last`` and ``--compile`` are resnetlab's options; the default is its plain path).
+
+Rounds alternate between the two so that drifts of the machine hit both; warm-up steps (and any
+compilation) are timed separately and never counted in the images per second. Prints a table and,
+with ``--json FILE``, writes the figures.
+
+    python benchmarks/train_throughput.py --data ../shared/data/cifar10-jpeg-train.tar.gz --channels-last
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resnetlab import TrainConfig, create_model
+from resnetlab.data import ImageArray, prepare_data
+from resnetlab.training.distributed import SINGLE_PROCESS
+from resnetlab.training.engine import Trainer
+
+
+class PerImageDataset(torch.utils.data.Dataset):
+    """The tutorial pipeline: one image at a time, padded, cropped, flipped and normalised."""
+
+    def __init__(self, data: ImageArray, mean: list[float], std: list[float], pad: int = 4) -> None:
+        self.images, self.labels, self.pad = data.images, data.labels, pad
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[i].float() / 255
+        h, w = x.shape[1:]
+        x = F.pad(x.unsqueeze(0), (self.pad,) * 4, mode="reflect").squeeze(0)
+        top, left = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
+        x = x[:, top : top + h, left : left + w]
+        if torch.rand(()) < 0.5:
+            x = x.flip(2)
+        return (x - self.mean) / self.std, self.labels[i]
+
+
+def baseline_steps(model: nn.Module, loader: torch.utils.data.DataLoader, opt, steps: int) -> float:
+    """Run ``steps`` eager NCHW steps; returns the seconds they took."""
+    model.train()
+    it = iter(loader)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        try:
+            x, y = next(it)
+        except StopIteration:
+            it = iter(loader)
+            x, y = next(it)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def resnetlab_steps(trainer: Trainer, steps: int, epoch: int) -> float:
+    trainer.model.train()
+    batches = trainer.train_loader.batches(epoch)
+    t0 = time.perf_counter()
+    done = 0
+    while done < steps:
+        for x, y in batches:
+            stats = trainer.step(x, y)
+            done += 1
+            if done == steps:
+                break
+        batches = trainer.train_loader.batches(epoch + 1)
+    float(stats[0])  # wait for the device
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="synthetic:3x32x32:10:5120", help="resnetlab --data value")
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=40, help="timed steps per round")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps before the first round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=0, help="baseline DataLoader workers")
+    ap.add_argument("--channels-last", action="store_true", help="resnetlab: NHWC memory format")
+    ap.add_argument("--compile", action="store_true", help="resnetlab: torch.compile")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--json", type=Path, help="write the figures to this file")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    data = prepare_data(args.data, val_fraction=0.1)
+    print(f"data {data.name}: {len(data.train)} training images {data.input_shape}; model {args.model}")
+    config = TrainConfig(
+        model=args.model,
+        data=args.data,
+        batch_size=args.batch_size,
+        epochs=1,
+        lr=0.05,
+        augment="crop+flip",
+        channels_last=args.channels_last,
+        compile=args.compile,
+        device="cpu",
+    )
+    trainer = Trainer(config, torch.device("cpu"), SINGLE_PROCESS, data=data)
+    torch.manual_seed(0)
+    c = data.input_shape[0]
+    model = create_model(args.model, num_classes=len(data.classes), in_chans=c, input_size=data.input_shape[1:])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    loader = torch.utils.data.DataLoader(
+        PerImageDataset(data.train, data.mean, data.std),
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+    )
+
+    warm = {
+        "baseline": baseline_steps(model, loader, opt, args.warmup),
+        "resnetlab": resnetlab_steps(trainer, args.warmup, 0),
+    }
+    rates: dict[str, list[float]] = {"baseline": [], "resnetlab": []}
+    for r in range(args.rounds):
+        rates["baseline"].append(args.steps * args.batch_size / baseline_steps(model, loader, opt, args.steps))
+        rates["resnetlab"].append(args.steps * args.batch_size / resnetlab_steps(trainer, args.steps, r + 1))
+        print(
+            f"round {r + 1}: baseline {rates['baseline'][-1]:.0f} img/s, resnetlab {rates['resnetlab'][-1]:.0f} img/s"
+        )
+
+    base, ours = statistics.median(rates["baseline"]), statistics.median(rates["resnetlab"])
+    path = "+".join(p for p, on in (("channels_last", args.channels_last), ("compile", args.compile)) if on)
+    print(f"\n{'pipeline':<44} {'img/s (median)':>15} {'warm-up s':>10}")
+    print(f"{'baseline: eager NCHW, per-image DataLoader':<44} {base:>15.0f} {warm['baseline']:>10.1f}")
+    print(
+        f"{'resnetlab: in-memory batches' + (', ' + path if path else ''):<44} {ours:>15.0f} {warm['resnetlab']:>10.1f}"
+    )
+    print(
+        f"ratio resnetlab / baseline: {ours / base:.2f}x  "
+        f"({args.rounds} rounds of {args.steps} steps, batch {args.batch_size})"
+    )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "data": data.name,
+                    "model": args.model,
+                    "batch_size": args.batch_size,
+                    "steps": args.steps,
+                    "rounds": args.rounds,
+                    "resnetlab_flags": path or "none",
+                    "baseline_img_per_s": rates["baseline"],
+                    "resnetlab_img_per_s": rates["resnetlab"],
+                    "ratio": ours / base,
+                    "warmup_seconds": warm,
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "machine": platform.processor(),
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""What every study shares: its folder, resumable training runs, results as JSON/CSV, figures as PNG
+and SVG, mean and spread over seeds, and the report.
+
+A study folder holds ``runs/<name>/`` (ordinary run folders, so ``resnetlab eval`` works on them),
+``results.json`` and ``*.csv`` (the raw numbers), ``*.png``/``*.svg`` figures and ``report.md``.
+Running the same command again with the same ``--out`` continues: finished runs are read back,
+an interrupted one resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..fileio import atomic_write_bytes, atomic_write_text
+from ..training.config import TrainConfig, to_toml
+from ..training.engine import load_run_config, train
+from ..training.progress import format_duration
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def fmt_mean_std(values: Sequence[float], digits: int = 2) -> str:
+    """``"12.34 ± 0.56"``; a single value without the spread."""
+    m, s = mean_std(values)
+    if math.isnan(m):
+        return "n/a"
+    return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+@dataclass
+class Study:
+    """A study's folder and its outputs."""
+
+    name: str
+    out: Path
+    progress: bool = True
+    started: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def open(cls, name: str, out: str | Path | None, progress: bool = True) -> Study:
+        folder = Path(out) if out else Path("studies") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--out {folder}: exists and is not a folder")
+        marker = folder / "study.json"
+        if marker.exists():
+            try:
+                kind = json.loads(marker.read_text())["study"]
+            except (OSError, ValueError, KeyError):
+                kind = None
+            if kind != name:
+                raise UserError(f"--out {folder}: holds a {kind!r} study, not {name!r}; choose another folder")
+        elif folder.exists() and any(folder.iterdir()):
+            raise UserError(f"--out {folder}: already exists and holds something else; choose another folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(marker, json.dumps({"study": name}) + "\n")
+        return cls(name, folder, progress)
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
+    def announce(self, what: str, seconds: float) -> None:
+        """State the plan and the expected run time before starting."""
+        self.say(f"{self.name}: {what}; expected run time about {format_duration(seconds)} on this machine")
+        self.say(f"results go to {self.out}")
+
+    # --- training runs ----------------------------------------------------------------------------
+
+    def run(self, name: str, config: TrainConfig) -> list[dict[str, Any]]:
+        """Train (or finish, or read back) the run ``runs/<name>``; returns its per-epoch history."""
+        folder = self.out / "runs" / name
+        config.out = str(folder)
+        if (folder / "result.json").is_file():
+            if load_run_config(folder) != config:
+                raise UserError(
+                    f"{folder}: was trained with other settings than this study now asks for; use a new --out"
+                )
+            return read_history(folder)
+        if (folder / "config.toml").is_file():
+            if load_run_config(folder) != config:
+                raise UserError(f"{folder}: an unfinished run with other settings; use a new --out")
+            return train(resume=folder, progress=self.progress, verbose=False).history
+        return train(config, progress=self.progress, verbose=False).history
+
+    # --- outputs ----------------------------------------------------------------------------------
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        path = self.out / name
+        atomic_write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+        return path
+
+    def write_csv(self, name: str, rows: list[dict[str, Any]]) -> Path:
+        path = self.out / name
+        buf = io.StringIO()
+        if rows:
+            writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        atomic_write_text(path, buf.getvalue())
+        return path
+
+    def save_figure(self, fig: Any, stem: str) -> list[Path]:
+        """The figure as ``<stem>.png`` and ``<stem>.svg``, each written atomically."""
+        paths = []
+        for ext in ("png", "svg"):
+            buf = io.BytesIO()
+            fig.savefig(buf, format=ext, dpi=130)
+            path = self.out / f"{stem}.{ext}"
+            atomic_write_bytes(path, buf.getvalue())
+            paths.append(path)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        return paths
+
+    def write_report(self, markdown: str) -> Path:
+        path = self.out / "report.md"
+        atomic_write_text(path, markdown.rstrip() + "\n")
+        return path
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    text = (run_dir / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def config_block(config: TrainConfig) -> str:
+    """The shared training settings, for the report."""
+    return "```toml\n" + to_toml(config) + "```"
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def eprint(*args: Any) -> None:
+    print(*args, file=sys.stderr, flush=True)

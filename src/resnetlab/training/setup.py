@@ -1,0 +1,109 @@
+"""The parts a run is assembled from: device, model, input normalisation, augmentation, loaders."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.augment import BatchAugment
+from ..data.loader import InMemoryLoader, StreamingLoader
+from ..data.prepare import PreparedData
+from ..data.types import ImageArray, Split
+from ..errors import UserError
+from ..models import create_model, model_entry
+from .config import TrainConfig
+from .distributed import SINGLE_PROCESS, DistInfo
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"--device {spec!r}: not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {spec}: CUDA is not available on this machine")
+    return device
+
+
+class Preprocess(nn.Module):
+    """uint8 images (0..255) -> normalised float input, optionally channels_last."""
+
+    def __init__(self, mean: list[float], std: list[float], channels_last: bool = False) -> None:
+        super().__init__()
+        self.register_buffer("scale", 1 / (255 * torch.tensor(std)).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", (torch.tensor(mean) / torch.tensor(std)).view(1, -1, 1, 1), persistent=False)
+        self.channels_last = channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() * self.scale - self.shift  # (x / 255 - mean) / std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+_SET_BY_THE_RUN = ("num_classes", "in_chans", "input_size", "plain", "zero_init_residual")
+
+
+def model_kwargs(config: TrainConfig, data: PreparedData) -> dict[str, Any]:
+    """Constructor arguments: ``--model-args`` plus what the data set and the flags decide."""
+    clash = [k for k in config.model_args if k in _SET_BY_THE_RUN]
+    if clash:
+        raise UserError(f"--model-args {clash[0]}: set by the data or by its own flag, not here")
+    c, h, w = data.input_shape
+    kwargs: dict[str, Any] = {**config.model_args, "num_classes": len(data.classes), "in_chans": c}
+    kwargs["input_size"] = (h, w)
+    if config.plain:
+        kwargs["plain"] = True
+    return kwargs
+
+
+def build_model(config: TrainConfig, data: PreparedData) -> tuple[nn.Module, dict[str, Any]]:
+    kwargs = model_kwargs(config, data)
+    try:
+        model_entry(config.model)
+        model = create_model(config.model, zero_init_residual=config.zero_init_residual, **kwargs)
+    except (ValueError, TypeError) as err:  # unknown name, bad value, or an argument it does not take
+        raise UserError(f"--model {config.model}: {err}") from None
+    if config.grad_checkpointing:
+        model.set_grad_checkpointing()
+    return model, kwargs
+
+
+def choose_augment(config: TrainConfig, data: PreparedData) -> BatchAugment | None:
+    kind = config.augment
+    if kind == "auto":
+        # Digits are not mirror-symmetric and synthetic data has nothing to learn.
+        natural = not (data.name == "digits" or data.name.startswith("synthetic"))
+        kind = "crop+flip" if natural else "none"
+    if kind == "none":
+        return None
+    return BatchAugment(
+        crop_padding=config.crop_padding if "crop" in kind else 0,
+        flip="flip" in kind,
+        pad_mode=config.pad_mode,
+    )
+
+
+def make_loader(
+    split: Split,
+    batch_size: int,
+    *,
+    train: bool,
+    device: torch.device,
+    input_shape: tuple[int, int, int],
+    augment: BatchAugment | None = None,
+    seed: int = 0,
+    workers: int = 2,
+    dist: DistInfo = SINGLE_PROCESS,
+) -> InMemoryLoader | StreamingLoader:
+    """In-memory batches for decoded images, worker processes for files streamed from disk."""
+    common = dict(train=train, seed=seed, rank=dist.rank, world_size=dist.world_size)
+    try:
+        if isinstance(split, ImageArray):
+            return InMemoryLoader(split, batch_size, augment=augment if train else None, device=device, **common)
+        c, h, _ = input_shape
+        return StreamingLoader(split, batch_size, image_size=h, channels=c, workers=workers, **common)
+    except ValueError as err:
+        raise UserError(f"--batch-size {batch_size}: {err}") from None

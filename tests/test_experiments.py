@@ -1,0 +1,236 @@
+"""Every study at tiny sizes: its outputs exist and agree with the JSON it prints."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from resnetlab.cli import main
+from resnetlab.experiments.identity import branch_ratios, deepen, zero_branch_check
+from resnetlab.experiments.lesion import Skip, lesioned, removable
+from resnetlab.experiments.study import fmt_mean_std, mean_std
+from resnetlab.models import create_model
+
+SYNTH = "synthetic:3x16x16:4:600"
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out.strip().splitlines()[-1]), captured.out
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_outputs(folder, figure):
+    for name in ("report.md", "results.json", f"{figure}.png", f"{figure}.svg", "study.json"):
+        assert (folder / name).is_file() and (folder / name).stat().st_size > 0, name
+    assert f"({figure}.png)" in (folder / "report.md").read_text()
+
+
+def test_demo_outputs_agree_with_its_json_and_resume(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--depths", "2", "4", "--width", "8", "--epochs", "2", "--seeds", "2", "--out", str(out)]
+    result, text = run_cli(capsys, *args, "--json", "--no-progress")
+    assert "expected run time" in text and "| hidden layers |" in text
+    assert_outputs(out, "training_error")
+    rows = read_csv(out / "final_errors.csv")
+    assert len(rows) == 2 * 2 * 2  # depths x nets x splits
+    for row in rows:
+        key = f"{row['net']}_{row['split']}_error_d{row['depth']}"
+        assert result[key] == pytest.approx(round(float(row["error_mean"]), 2))
+    saved = json.loads((out / "results.json").read_text())["headline"]
+    assert {k: v for k, v in result.items() if k != "out"} == saved
+    curves = read_csv(out / "curves.csv")
+    assert len(curves) == 2 * 2 * 2 * 2  # depths x nets x seeds x epochs
+    assert len(list((out / "runs").iterdir())) == 8
+    again, _ = run_cli(capsys, *args, "--json", "--no-progress")  # finished runs are read back, not retrained
+    assert again == result
+
+
+def test_a_study_folder_is_not_reused_for_another_study(tmp_path, capsys):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "study.json").write_text('{"study": "lesion"}')
+    assert main(["demo", "--out", str(tmp_path / "s")]) == 2
+    assert "holds a 'lesion' study" in capsys.readouterr().err
+
+
+def test_degradation_study(tmp_path, capsys):
+    out = tmp_path / "deg"
+    result, _ = run_cli(
+        capsys,
+        "study",
+        "degradation",
+        "--data",
+        SYNTH,
+        "--depths",
+        "8",
+        "14",
+        "--budget",
+        "0.01",
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
+        "--json",
+        "--no-progress",
+    )
+    assert_outputs(out, "errors")
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["epochs"] == 2 and {k: v for k, v in result.items() if k != "out"} == saved["headline"]
+    assert set(result) >= {"plain8_train_error", "resnet14_val_error"}
+    assert "budget 0.01" in (out / "report.md").read_text()
+
+
+def test_degradation_rejects_bad_depths(capsys):
+    assert main(["study", "degradation", "--depths", "21"]) == 2
+    assert "6n+2" in capsys.readouterr().err
+
+
+def test_gradients_study(tmp_path, capsys):
+    out = tmp_path / "grad"
+    result, _ = run_cli(
+        capsys,
+        "study",
+        "gradients",
+        "--data",
+        SYNTH,
+        "--depth",
+        "8",
+        "--depths",
+        "8",
+        "14",
+        "--steps",
+        "0",
+        "2",
+        "--batch-size",
+        "16",
+        "--seeds",
+        "1",
+        "--out",
+        str(out),
+        "--json",
+        "--no-progress",
+    )
+    assert_outputs(out, "gradients")
+    rows = read_csv(out / "grad_norms.csv")
+    layers = {int(r["layer"]) for r in rows}
+    assert layers == set(range(1, 8))  # ResNet-8: stem + 3 blocks x 2 convs (projections excluded)
+    assert {r["variant"] for r in rows} == {"plain-bn", "resnet-bn", "plain-nobn", "resnet-nobn"}
+    saved = json.loads((out / "results.json").read_text())["headline"]
+    assert {k: v for k, v in result.items() if k != "out"} == saved
+    sims = read_csv(out / "gradient_similarity.csv")
+    assert all(-1 <= float(r["cosine_similarity"]) <= 1 for r in sims)
+
+
+def test_identity_study_shows_exact_identities(tmp_path, capsys):
+    out = tmp_path / "ident"
+    result, _ = run_cli(
+        capsys,
+        "study",
+        "identity",
+        "--data",
+        SYNTH,
+        "--depth",
+        "8",
+        "--budget",
+        "0.5",
+        "--epochs",
+        "2",
+        "--finetune-epochs",
+        "1",
+        "--seeds",
+        "1",
+        "--batch-size",
+        "32",
+        "--out",
+        str(out),
+        "--json",
+        "--no-progress",
+    )
+    assert_outputs(out, "branch_ratios")
+    assert result["zero_branch_max_abs_difference"] == 0.0
+    assert result["deepening_max_output_difference"] == 0.0
+    assert result["deepened_val_acc"] == result["base_val_acc"]
+    ratios = read_csv(out / "branch_ratios.csv")
+    assert {int(r["epoch"]) for r in ratios} == {0, 1, 2} and {int(r["block"]) for r in ratios} == {1, 2, 3}
+
+
+def test_lesion_study(tmp_path, capsys):
+    out = tmp_path / "lesion"
+    result, _ = run_cli(
+        capsys,
+        "study",
+        "lesion",
+        "--data",
+        SYNTH,
+        "--depth",
+        "14",
+        "--budget",
+        "0.5",
+        "--epochs",
+        "1",
+        "--samples",
+        "2",
+        "--batch-size",
+        "32",
+        "--out",
+        str(out),
+        "--json",
+        "--no-progress",
+    )
+    assert_outputs(out, "lesion")
+    single = read_csv(out / "single_block.csv")
+    assert len(single) == 2 * 6  # two nets x six blocks
+    plain = [r for r in single if r["net"] == "plain"]
+    assert [r["removable"] for r in plain] == ["True", "True", "False", "True", "False", "True"]
+    assert result["resnet_removable_blocks"] == 6 and result["plain_removable_blocks"] == 4
+
+
+# --- the pieces ---------------------------------------------------------------------------------
+
+
+def test_deepen_keeps_outputs_exactly_and_adds_blocks():
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10).eval()
+    for m in model.modules():  # non-trivial statistics, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2)
+    deeper = deepen(model, 20, 2).eval()
+    assert len(deeper.residual_blocks()) == len(model.residual_blocks()) + 6
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(deeper(x), model(x))
+
+
+def test_zero_branch_check_and_branch_ratios_on_a_trained_like_model():
+    torch.manual_seed(0)
+    model = create_model("preact_resnet110", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    rows = zero_branch_check(model, x)
+    assert len(rows) == 54 and all(r["max_abs_difference"] == 0 for r in rows)
+    assert all(r > 0 for r in branch_ratios(model, x))
+
+
+def test_lesioning_a_residual_block_keeps_its_shortcut():
+    torch.manual_seed(0)
+    model = create_model("resnet20").eval()
+    x = torch.randn(2, 3, 32, 32)
+    cut = lesioned(model, {4})
+    assert isinstance(cut.layer2[1], Skip) and not isinstance(model.layer2[1], Skip)
+    with torch.no_grad():
+        h = model.layer2[0](model.layer1(model.forward_stem(x)))
+        torch.testing.assert_close(cut.layer2[1](h), h, rtol=0, atol=0)  # relu(x) == x for x >= 0
+    plain = create_model("plain20")
+    assert [removable(b) for b in plain.residual_blocks()] == [True] * 3 + [False, True, True] * 2
+
+
+def test_mean_std_formatting():
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2**0.5))
+    assert fmt_mean_std([1.0, 3.0], 1) == "2.0 ± 1.4" and fmt_mean_std([5.0]) == "5.00"
