@@ -10,7 +10,7 @@ torchvision's (``conv``; ``block``, ``stochastic_depth``), so its checkpoints lo
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
