@@ -21,73 +21,15 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+from common import PerImageDataset, baseline_steps, resnetlab_steps  # benchmarks/common.py, beside this script
 
 from resnetlab import TrainConfig, create_model
-from resnetlab.data import ImageArray, prepare_data
+from resnetlab.data import prepare_data
 from resnetlab.training.distributed import SINGLE_PROCESS
 from resnetlab.training.engine import Trainer
-
-
-class PerImageDataset(torch.utils.data.Dataset):
-    """The tutorial pipeline: one image at a time, padded, cropped, flipped and normalised."""
-
-    def __init__(self, data: ImageArray, mean: list[float], std: list[float], pad: int = 4) -> None:
-        self.images, self.labels, self.pad = data.images, data.labels, pad
-        self.mean = torch.tensor(mean).view(-1, 1, 1)
-        self.std = torch.tensor(std).view(-1, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.images[i].float() / 255
-        h, w = x.shape[1:]
-        x = F.pad(x.unsqueeze(0), (self.pad,) * 4, mode="reflect").squeeze(0)
-        top, left = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
-        x = x[:, top : top + h, left : left + w]
-        if torch.rand(()) < 0.5:
-            x = x.flip(2)
-        return (x - self.mean) / self.std, self.labels[i]
-
-
-def baseline_steps(model: nn.Module, loader: torch.utils.data.DataLoader, opt, steps: int) -> float:
-    """Run ``steps`` eager NCHW steps; returns the seconds they took."""
-    model.train()
-    it = iter(loader)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        try:
-            x, y = next(it)
-        except StopIteration:
-            it = iter(loader)
-            x, y = next(it)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return time.perf_counter() - t0
-
-
-def resnetlab_steps(trainer: Trainer, steps: int, epoch: int) -> float:
-    trainer.model.train()
-    batches = trainer.train_loader.batches(epoch)
-    t0 = time.perf_counter()
-    done = 0
-    while done < steps:
-        for x, y in batches:
-            stats = trainer.step(x, y)
-            done += 1
-            if done == steps:
-                break
-        batches = trainer.train_loader.batches(epoch + 1)
-    float(stats[0])  # wait for the device
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -101,6 +43,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="baseline DataLoader workers")
     ap.add_argument("--channels-last", action="store_true", help="resnetlab: NHWC memory format")
     ap.add_argument("--compile", action="store_true", help="resnetlab: torch.compile")
+    ap.add_argument("--amp", choices=["none", "bf16"], default="none", help="resnetlab: bf16 mixed precision")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", type=Path, help="write the figures to this file")
     args = ap.parse_args()
@@ -118,6 +61,7 @@ def main() -> None:
         augment="crop+flip",
         channels_last=args.channels_last,
         compile=args.compile,
+        amp=args.amp,
         device="cpu",
     )
     trainer = Trainer(config, torch.device("cpu"), SINGLE_PROCESS, data=data)
@@ -147,7 +91,8 @@ def main() -> None:
         )
 
     base, ours = statistics.median(rates["baseline"]), statistics.median(rates["resnetlab"])
-    path = "+".join(p for p, on in (("channels_last", args.channels_last), ("compile", args.compile)) if on)
+    flags = (("channels_last", args.channels_last), ("compile", args.compile), ("bf16", args.amp == "bf16"))
+    path = "+".join(p for p, on in flags if on)
     print(f"\n{'pipeline':<44} {'img/s (median)':>15} {'warm-up s':>10}")
     print(f"{'baseline: eager NCHW, per-image DataLoader':<44} {base:>15.0f} {warm['baseline']:>10.1f}")
     print(

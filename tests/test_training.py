@@ -112,6 +112,7 @@ def test_a_run_writes_its_folder_and_learns(tmp_path):
         "val_acc",
         "lr",
         "img_per_s",
+        "image_size",
         "epoch_seconds",
         "elapsed_seconds",
     }
@@ -189,7 +190,7 @@ def test_a_non_finite_loss_stops_the_run_and_writes_no_checkpoint(tmp_path):
         "--no-progress",
     )
     assert proc.returncode == 1
-    assert "non-finite at epoch 1, step" in proc.stderr and "Traceback" not in proc.stderr
+    assert "non-finite loss or gradients at epoch 1, step" in proc.stderr and "Traceback" not in proc.stderr
     assert latest_checkpoint(run) is None
 
 
@@ -258,3 +259,31 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     one_hist = [json.loads(s) for s in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     two_hist = [json.loads(s) for s in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["val_acc"] for r in one_hist] == [r["val_acc"] for r in two_hist]
+
+
+def test_progressive_resizing_schedule_and_record(tmp_path):
+    from resnetlab.training.distributed import SINGLE_PROCESS
+    from resnetlab.training.engine import Trainer
+
+    config = TrainConfig(
+        model="resnet20",
+        data="synthetic:3x32x32:4:256",
+        epochs=10,
+        batch_size=32,
+        min_image_size=16,
+        resize_until=0.5,
+        augment="crop+flip",
+    )
+    trainer = Trainer(config, torch.device("cpu"), SINGLE_PROCESS)
+    assert [trainer.image_size_at(e) for e in range(6)] == [16, 20, 24, 28, 32, 32]
+    config = TrainConfig(
+        model="resnet20",
+        data="synthetic:3x32x32:4:256",
+        epochs=2,
+        batch_size=32,
+        min_image_size=16,
+        resize_until=1.0,
+        out=str(tmp_path / "run"),
+    )
+    history = train(config, progress=False, verbose=False).history
+    assert [r["image_size"] for r in history] == [16, 32]

@@ -34,6 +34,7 @@ FORMAT = "resnetlab"
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
+CHECKSUM_FILE = "checksums.json"
 _CKPT_NAME = re.compile(r"e(\d{4,})-s(\d{6,})")
 
 
@@ -78,10 +79,21 @@ class ModelInfo:
         return create_model(self.model, **self.model_kwargs)
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes (in name order)."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save_model_file(path: Path, state_dict: dict[str, torch.Tensor], info: ModelInfo) -> str:
-    """Write weights and metadata atomically; returns the file's SHA-256."""
+    """Write weights and metadata atomically, with a checksum of the weights in the metadata (so a
+    damaged or altered file is detected when read); returns the file's SHA-256."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    data = st_save(tensors, metadata=info.to_metadata())
+    data = st_save(tensors, metadata={**info.to_metadata(), "weights_sha256": tensors_digest(tensors)})
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
@@ -95,8 +107,12 @@ def read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], ModelInfo]:
         state = st_load(data)
         meta = _safetensors_metadata(data)
     except (SafetensorError, ValueError) as err:
-        raise UserError(f"{path}: not a readable safetensors file ({err})") from None
-    return state, ModelInfo.from_metadata(meta, str(path))
+        raise UserError(f"{path}: not a readable safetensors file, damaged or truncated ({err})") from None
+    info = ModelInfo.from_metadata(meta, str(path))
+    expected = (meta or {}).get("weights_sha256")
+    if expected is not None and tensors_digest(state) != expected:
+        raise UserError(f"{path}: the weights do not match their stored checksum (the file is damaged)")
+    return state, info
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str] | None:
@@ -134,6 +150,8 @@ def save_checkpoint(
             torch.save({**train_state, "model_sha256": digest}, f)
             f.flush()
             os.fsync(f.fileno())
+        sums = {name: _file_sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
+        atomic_write_text(tmp / CHECKSUM_FILE, json.dumps(sums, indent=1) + "\n")
         final = root / name
         if final.exists():  # a duplicate left by a run killed before it updated `latest`
             shutil.rmtree(final)
@@ -171,12 +189,55 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def intact_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders to try on resume: ``latest`` first, then the others, newest first."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = sorted((p for p in root.iterdir() if _CKPT_NAME.fullmatch(p.name) and p.is_dir()), reverse=True)
+    newest = latest_checkpoint(run_dir)
+    if newest is not None and newest in found:
+        found.remove(newest)
+        found.insert(0, newest)
+    return found
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Raise :class:`UserError` unless both files of ``ckpt`` match the checksums stored beside them."""
+    try:
+        sums = json.loads((ckpt / CHECKSUM_FILE).read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{ckpt}: no readable {CHECKSUM_FILE} (incomplete or damaged checkpoint)") from None
+    for name in (MODEL_FILE, STATE_FILE):
+        try:
+            actual = _file_sha256(ckpt / name)
+        except OSError as err:
+            raise UserError(f"{ckpt / name}: cannot read it ({err.strerror})") from None
+        if actual != sums.get(name):
+            raise UserError(f"{ckpt / name}: does not match its checksum in {CHECKSUM_FILE} (damaged)")
+
+
 def load_train_state(ckpt: Path) -> dict[str, Any]:
+    verify_checkpoint(ckpt)
     try:
         with open(ckpt / STATE_FILE, "rb") as f:
-            return torch.load(f, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many types for damaged files
         raise UserError(f"{ckpt / STATE_FILE}: cannot read the training state ({err})") from None
+    version = state.get("format_version", 0) if isinstance(state, dict) else None
+    if version is None or version > FORMAT_VERSION:
+        raise UserError(
+            f"{ckpt / STATE_FILE}: training state of format {version}, this resnetlab reads up to {FORMAT_VERSION}"
+        )
+    return state
 
 
 # --- loading a trained model ----------------------------------------------------------------------

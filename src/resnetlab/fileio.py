@@ -52,3 +52,47 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_open(path, "wb") as f:
         f.write(data)
+
+
+class FolderLock:
+    """An exclusive lock on a folder for one process: ``flock`` on ``<folder>/.lock``.
+
+    The kernel drops the lock when the process ends, however it ends (SIGKILL included), so a killed
+    run never leaves the folder locked. The lock file keeps the holder's pid for the message.
+    """
+
+    def __init__(self, folder: Path, what: str = "folder") -> None:
+        self.path = Path(folder) / ".lock"
+        self.what = what
+        self.fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        import fcntl
+
+        from .errors import UserError
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(
+                f"{self.path.parent}: this {self.what} is in use by another resnetlab process (pid {holder}); "
+                "wait for it to finish or choose another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -70,7 +70,7 @@ def _check(values: dict[str, Any]) -> None:
 
     for key, value in values.items():
         numbers = value if isinstance(value, list) else [value]
-        if key in ("data", "norm") or not numbers:
+        if key in ("data", "norm", "models", "amp") or not numbers:
             continue
         if any(isinstance(v, int | float) and v < 0 for v in numbers):
             raise UserError(f"--{key.replace('_', '-')} must not be negative")

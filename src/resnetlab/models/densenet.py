@@ -149,6 +149,11 @@ def densenet121(**kwargs: Any) -> DenseNet:
 @register_model
 def densenet_bc_100(**kwargs: Any) -> DenseNet:
     """DenseNet-BC (L=100, k=12), CIFAR: three blocks of 16 bottleneck layers; 0.8M parameters."""
-    defaults = {"growth_rate": 12, "block_config": (16, 16, 16), "num_init_features": 24, "stem": "cifar",
-                "num_classes": 10}  # fmt: skip
+    defaults = {
+        "growth_rate": 12,
+        "block_config": (16, 16, 16),
+        "num_init_features": 24,
+        "stem": "cifar",
+        "num_classes": 10,
+    }
     return DenseNet(**{**defaults, **kwargs})

@@ -18,8 +18,15 @@ from .base import Classifier, FeatureInfo, init_norm, initialise
 from .registry import register_model, register_plain_twin
 
 # (expansion, kernel, first stride, output channels, blocks) per stage: Tan & Le 2019, table 1.
-B0_SETTING = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3),
-              (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)]  # fmt: skip
+B0_SETTING = [
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+]
 # For 32x32 inputs: a stride-1 stem and second stage, so the last maps are 4x4 (not 1x1).
 B0_CIFAR_SETTING = [(e, k, 1 if i == 1 else s, c, n) for i, (e, k, s, c, n) in enumerate(B0_SETTING)]
 
@@ -80,7 +87,7 @@ class EfficientNet(Classifier):
             layers.append(nn.Sequential(*blocks))
             self.stage_names.append(f"features.{len(layers) - 1}")
             self.feature_info.append(FeatureInfo(f"features.{len(layers) - 1}", channels, stride))
-        self.num_features = make_divisible(1280 * width_mult) if width_mult > 1 else 1280
+        self.num_features = 4 * channels  # 1280 for B0: the last stage's width times four
         layers.append(conv_norm_act(channels, self.num_features, kernel_size=1, activation=nn.SiLU))
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)

@@ -65,6 +65,10 @@ class TrainConfig:
         "auto", "training augmentation; auto = crop+flip for natural images, none for digits and synthetic"
     )
     crop_padding: int = knob(4, "pixels of padding around images for the random crop")
+    min_image_size: int = knob(
+        0, "progressive resizing: train the first epochs on images scaled down to this size, growing to full size"
+    )
+    resize_until: float = knob(0.75, "progressive resizing: fraction of the epochs after which images are full size")
     pad_mode: Literal["reflect", "zeros"] = knob("reflect", "padding for the random crop")
     workers: int = knob(2, "DataLoader worker processes for image folders streamed from disk")
 
@@ -87,10 +91,13 @@ class TrainConfig:
     label_smoothing: float = knob(0.0, "label smoothing of the cross-entropy loss")
     grad_clip: float = knob(0.0, "clip the gradient norm to this value; 0 = off")
     ema_decay: float = knob(0.0, "keep an exponential moving average of the weights; 0 = off")
+    eval_flip: bool = knob(False, "validate on each image and its mirror image, averaging the logits")
 
     # --- hardware --------------------------------------------------------------------------------
     device: str = knob("auto", "auto | cpu | cuda | cuda:N")
-    amp: Literal["none", "bf16", "fp16"] = knob("none", "mixed precision: bf16, or fp16 with a scaler (CUDA)")
+    amp: Literal["none", "bf16", "fp16"] = knob(
+        "none", "mixed precision: bf16 (CUDA, or CPUs with AVX-512 BF16), or fp16 with a scaler (CUDA)"
+    )
     channels_last: bool = knob(False, "NHWC memory format (faster convolutions on most hardware)")
     compile: bool = knob(False, "torch.compile the model")
     threads: int = knob(0, "CPU threads for PyTorch; 0 = PyTorch's default")
@@ -110,6 +117,8 @@ class TrainConfig:
             (0 < self.train_fraction <= 1, "--train-fraction must be in (0, 1]"),
             (self.image_size >= 0, "--image-size must be >= 0"),
             (self.crop_padding >= 0, "--crop-padding must be >= 0"),
+            (self.min_image_size >= 0, "--min-image-size must be >= 0"),
+            (0 < self.resize_until <= 1, "--resize-until must be in (0, 1]"),
             (self.workers >= 0, "--workers must be >= 0"),
             (self.lr > 0 and math.isfinite(self.lr), "--lr must be a positive number"),
             (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),

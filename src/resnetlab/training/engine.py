@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import ModelInfo, latest_checkpoint, load_train_state, read_model_file, save_checkpoint
+from ..checkpoint import ModelInfo, intact_checkpoints, load_train_state, read_model_file, save_checkpoint
 from ..data.prepare import PreparedData, prepare_data
 from ..errors import UserError
-from ..fileio import atomic_write_text
+from ..fileio import FolderLock, atomic_write_text
 from .config import TrainConfig, config_from_toml_text, to_toml
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
 from .evaluate import EvalResult, evaluate
@@ -44,6 +44,18 @@ class NonFiniteLoss(TrainingStopped):
 
 class Interrupted(TrainingStopped):
     exit_code = 130
+
+
+class CheckpointError(TrainingStopped):
+    """A checkpoint could not be written (disk full, folder not writable)."""
+
+
+class NonFiniteStep(Exception):
+    """Raised by :meth:`Trainer.step` for a non-finite loss or gradient (the step was not applied)."""
+
+    def __init__(self, loss: float, grad_norm: float) -> None:
+        super().__init__(f"loss {loss}, gradient norm {grad_norm}")
+        self.loss, self.grad_norm = loss, grad_norm
 
 
 @dataclass
@@ -167,6 +179,24 @@ class Trainer:
             )
         self.model = torch.compile(model) if config.compile else model
         self.position = Position()
+        self.train_size: int | None = None  # progressive resizing: the side of this epoch's training images
+        # Batch-norm running statistics, saved before each step so a refused step can put them back.
+        self._norm_stats = [
+            b for m in core.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for b in m.buffers(recurse=False)
+        ]
+        self._norm_stats_saved = [b.clone() for b in self._norm_stats]
+
+    def image_size_at(self, epoch: int) -> int | None:
+        """Progressive resizing (Howard's fast.ai DAWNBench entry; FFCV): the training images' side grows
+        linearly from ``min_image_size`` to full size over the first ``resize_until`` of the epochs, in
+        steps of 4 pixels. Evaluation always sees full-size images."""
+        full = self.data.input_shape[-1]
+        low = self.config.min_image_size
+        if not low or low >= full:
+            return None
+        ramp = max(1.0, self.config.resize_until * self.config.epochs - 1)
+        size = low + (full - low) * min(1.0, epoch / ramp)
+        return min(full, int(round(size / 4) * 4))
 
     @property
     def eval_model(self) -> nn.Module:
@@ -179,9 +209,19 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One optimisation step on a uint8 batch; returns ``[loss * n, correct, n]`` (on the device)."""
+        """One optimisation step on a uint8 batch; returns ``[loss * n, correct, n]`` (on the device).
+
+        A non-finite loss or gradient raises :class:`NonFiniteStep` *before* the weights change, with
+        the batch-norm running statistics of that forward pass put back, so the model in memory is the
+        one of the previous step. (With fp16 the gradient scaler skips overflowing steps itself.)
+        """
         inputs = self.preprocess(x.to(self.device, non_blocking=True))
+        if self.train_size is not None and self.train_size != inputs.shape[-1]:
+            inputs = nn.functional.interpolate(inputs, size=self.train_size, mode="bilinear", antialias=True)
+            if self.config.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
         y = y.to(self.device, non_blocking=True)
+        torch._foreach_copy_(self._norm_stats_saved, self._norm_stats)
         with self.autocast():
             out = self.model(inputs)
             loss = self.criterion(out, y)
@@ -191,8 +231,15 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
+        grads = [p.grad for p in self.core.parameters() if p.grad is not None]
         if self.config.grad_clip:
-            nn.utils.clip_grad_norm_(self.core.parameters(), self.config.grad_clip)
+            norm = nn.utils.clip_grad_norm_(self.core.parameters(), self.config.grad_clip)
+        else:
+            norm = nn.utils.get_total_norm(grads)
+        finite = torch.isfinite(loss) if self.scaler is not None else torch.isfinite(loss) & torch.isfinite(norm)
+        if not bool(finite):  # a host sync per step; it is what lets a bad step be refused, not just noticed
+            torch._foreach_copy_(self._norm_stats, self._norm_stats_saved)
+            raise NonFiniteStep(float(loss), float(norm))
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -214,6 +261,7 @@ class Trainer:
             len(self.data.classes),
             dist=self.dist,
             autocast=self.autocast(),
+            flip=self.config.eval_flip,
         )
 
     # --- checkpoints ------------------------------------------------------------------------------
@@ -239,26 +287,43 @@ class Trainer:
             if self.scaler is not None:
                 state["scaler"] = self.scaler.state_dict()
             self.info.epoch = pos.epoch
-            path = save_checkpoint(
-                run_dir, self.eval_model.state_dict(), self.info, state, keep=self.config.keep_checkpoints
-            )
-            # Rewritten whole from the checkpointed history: after a crash and resume each epoch appears once.
-            atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in pos.history))
+            try:
+                path = save_checkpoint(
+                    run_dir, self.eval_model.state_dict(), self.info, state, keep=self.config.keep_checkpoints
+                )
+                # Rewritten whole from the checkpointed history: after a crash and resume each epoch appears once.
+                atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in pos.history))
+            except OSError as err:
+                where = err.filename or run_dir / "checkpoints"
+                raise CheckpointError(
+                    f"cannot write to {where}: {err.strerror or err}. The previous checkpoint is intact; make "
+                    f"room (or make the folder writable) and resume with: resnetlab train --resume {run_dir}"
+                ) from None
         barrier(self.dist)
         return path
 
     def restore(self, ckpt: Path) -> None:
+        """Load a checkpoint of this run (verified against its checksums) into the trainer."""
         state = load_train_state(ckpt)
-        weights, _ = read_model_file(ckpt / "model.safetensors")
-        self.core.load_state_dict(state.get("model", weights))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        self.position = Position(**state["position"])
+        weights, info = read_model_file(ckpt / "model.safetensors")
+        if info.model != self.info.model or info.classes != self.info.classes:
+            raise UserError(
+                f"{ckpt}: holds a {info.model} for {len(info.classes)} classes, but this run trains a "
+                f"{self.info.model} for {len(self.info.classes)} classes (a checkpoint of another run?)"
+            )
+        try:
+            self.core.load_state_dict(state.get("model", weights))
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
+            if self.scaler is not None and "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng"]["torch"])
+            self.position = Position(**state["position"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"{ckpt}: does not fit this run ({first})") from None
 
 
 def load_initial_weights(model: nn.Module, source: str) -> None:
@@ -370,15 +435,34 @@ def _run(trainer: Trainer, run_dir: Path, resuming: bool, progress: bool, verbos
     say = (lambda *a: print(*a, flush=True)) if dist.is_main and verbose else (lambda *a: None)
     if data.skipped:
         say(f"skipped {len(data.skipped)} unreadable images: " + ", ".join(data.skipped[:10]))
-    ckpt = latest_checkpoint(run_dir) if resuming else None
+    lock = FolderLock(run_dir, "run folder") if dist.is_main else None
+    ckpt = None
+    if resuming:
+        if lock is not None:
+            lock.acquire()
+        for candidate in intact_checkpoints(run_dir):
+            try:
+                trainer.restore(candidate)
+            except UserError as err:
+                print(f"warning: {err}; trying an older checkpoint", file=sys.stderr, flush=True)
+                continue
+            ckpt = candidate
+            break
+        else:
+            if intact_checkpoints(run_dir):
+                raise UserError(f"--resume {run_dir}: no intact checkpoint left (see the warnings above)")
     if ckpt is not None:
-        trainer.restore(ckpt)
         pos = trainer.position
         say(f"resuming {run_dir} from {ckpt.name} (epoch {pos.epoch}, step {pos.step})")
     else:
         if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "config.toml", to_toml(config))
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                if not resuming:
+                    lock.acquire()
+                atomic_write_text(run_dir / "config.toml", to_toml(config))
+            except OSError as err:
+                raise UserError(f"--out {run_dir}: cannot write the run folder ({err.strerror or err})") from None
         n_val = len(data.val) if data.val else 0
         say(
             f"training {config.model}{' (plain)' if config.plain else ''} ({trainer.params:,} parameters) on "
@@ -388,7 +472,15 @@ def _run(trainer: Trainer, run_dir: Path, resuming: bool, progress: bool, verbos
             + f"; run folder {run_dir}"
         )
     barrier(dist)
+    try:
+        return _loop(trainer, run_dir, ckpt, progress, say, t_start)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _loop(trainer: Trainer, run_dir: Path, ckpt: Path | None, progress: bool, say, t_start: float) -> TrainResult:
+    config, dist, data = trainer.config, trainer.dist, trainer.data
     pos = trainer.position
     last_ckpt = ckpt
     session_start, elapsed_before = time.monotonic(), pos.elapsed
@@ -397,25 +489,26 @@ def _run(trainer: Trainer, run_dir: Path, resuming: bool, progress: bool, verbos
     with stop_requests() as stop:
         while pos.epoch < config.epochs:
             epoch = pos.epoch
+            trainer.train_size = trainer.image_size_at(epoch)
             bar = EpochProgress(epoch + 1, config.epochs, steps, pos.step, enabled=progress and dist.is_main)
             trainer.model.train()
             pending: list[torch.Tensor] = []
             t0 = time.perf_counter()
             for x, y in trainer.train_loader.batches(epoch, pos.step):
-                pending.append(trainer.step(x, y))
+                try:
+                    pending.append(trainer.step(x, y))
+                except NonFiniteStep as bad:
+                    bar.close()
+                    kept = f"the last good checkpoint is kept ({last_ckpt.name})" if last_ckpt else "no checkpoint yet"
+                    raise NonFiniteLoss(
+                        f"non-finite loss or gradients at epoch {epoch + 1}, step {pos.step + 1} ({bad}); the step "
+                        f"was not applied and the run stopped, {kept}. Lower --lr or set --grad-clip, then start "
+                        "a new run"
+                    ) from None
                 pos.step += 1
                 if len(pending) < sync_every and pos.step < steps and not stop:
                     continue
                 sums = torch.stack(pending).cpu()
-                finite = torch.isfinite(sums[:, 0])
-                if not finite.all():
-                    bar.close()
-                    bad = pos.step - len(pending) + int((~finite).nonzero()[0]) + 1
-                    kept = f"the last good checkpoint is kept ({last_ckpt.name})" if last_ckpt else "no checkpoint yet"
-                    raise NonFiniteLoss(
-                        f"the loss became non-finite at epoch {epoch + 1}, step {bad}; stopped, {kept}. "
-                        "Lower --lr or set --grad-clip, then start a new run"
-                    )
                 pos.loss_sum += float(sums[:, 0].sum())
                 pos.correct += int(sums[:, 1].sum())
                 pos.seen += int(sums[:, 2].sum())
@@ -446,6 +539,7 @@ def _run(trainer: Trainer, run_dir: Path, resuming: bool, progress: bool, verbos
                 "val_acc": round(val.acc, 4) if val else None,
                 "lr": trainer.optimizer.param_groups[0]["lr"],
                 "img_per_s": round(float(totals[2]) / max(pos.train_seconds, 1e-9), 1),
+                "image_size": trainer.train_size or data.input_shape[-1],
                 "epoch_seconds": round(pos.train_seconds, 3),
                 "elapsed_seconds": round(pos.elapsed, 3),
             }

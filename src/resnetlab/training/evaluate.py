@@ -34,8 +34,12 @@ def evaluate(
     *,
     dist: DistInfo = SINGLE_PROCESS,
     autocast: contextlib.AbstractContextManager | None = None,
+    flip: bool = False,
 ) -> EvalResult:
-    """Cross-entropy (without label smoothing), accuracy and confusion matrix over ``loader``."""
+    """Cross-entropy (without label smoothing), accuracy and confusion matrix over ``loader``.
+
+    ``flip``: test-time augmentation, the logits averaged over each image and its mirror image.
+    """
     was_training = model.training
     model.eval()
     device = preprocess.scale.device
@@ -44,7 +48,10 @@ def evaluate(
     for x, y in loader.batches():
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast or contextlib.nullcontext():
-            out = model(preprocess(x))
+            inputs = preprocess(x)
+            out = model(inputs)
+            if flip:
+                out = (out.float() + model(inputs.flip(3)).float()) / 2
         loss_sum += F.cross_entropy(out.float(), y, reduction="sum").double()
         confusion += torch.bincount(y * num_classes + out.argmax(1), minlength=num_classes**2).view(
             num_classes, num_classes

@@ -1,0 +1,83 @@
+"""What the benchmarks share: the plain eager baseline and timing helpers."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resnetlab.data import ImageArray
+from resnetlab.training.engine import Trainer
+
+
+class PerImageDataset(torch.utils.data.Dataset):
+    """The tutorial pipeline: one image at a time, padded, cropped, flipped and normalised."""
+
+    def __init__(self, data: ImageArray, mean: list[float], std: list[float], pad: int = 4) -> None:
+        self.images, self.labels, self.pad = data.images, data.labels, pad
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[i].float() / 255
+        h, w = x.shape[1:]
+        x = F.pad(x.unsqueeze(0), (self.pad,) * 4, mode="reflect").squeeze(0)
+        top, left = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
+        x = x[:, top : top + h, left : left + w]
+        if torch.rand(()) < 0.5:
+            x = x.flip(2)
+        return (x - self.mean) / self.std, self.labels[i]
+
+
+def baseline_steps(model: nn.Module, loader: torch.utils.data.DataLoader, opt, steps: int) -> float:
+    """Run ``steps`` eager NCHW steps; returns the seconds they took."""
+    model.train()
+    it = iter(loader)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        try:
+            x, y = next(it)
+        except StopIteration:
+            it = iter(loader)
+            x, y = next(it)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def resnetlab_steps(trainer: Trainer, steps: int, epoch: int) -> float:
+    """Run ``steps`` of resnetlab's training step; returns the seconds they took."""
+    trainer.model.train()
+    batches = trainer.train_loader.batches(epoch)
+    t0 = time.perf_counter()
+    done = 0
+    while done < steps:
+        for x, y in batches:
+            stats = trainer.step(x, y)
+            done += 1
+            if done == steps:
+                break
+        batches = trainer.train_loader.batches(epoch + 1)
+    float(stats[0])  # wait for the device
+    return time.perf_counter() - t0
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """This machine's measured GFLOP/s for an n x n matrix product (median of ``repeats``)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9

@@ -1,0 +1,323 @@
+"""resnetlab's speed suite: every figure against a baseline measured in the same process.
+
+    python benchmarks/suite.py [--sections peak,train,infer,depth] [--quick] [--json results.json]
+
+- **peak**: this machine's matrix-product rate (float32 and bfloat16), the ceiling for the rest.
+- **train**: training images/s on synthetic data for resnet20/56/110 at 32x32 and resnet18/50 at
+  224x224, batch 128 and 256: the plain eager baseline (NCHW float32, eager, a per-image DataLoader)
+  against resnetlab's training step in float32 (channels_last, in-memory batches) and in bfloat16
+  mixed precision (labelled: a different precision), with the ratios and the achieved GFLOP/s.
+- **infer**: resnet50 latency at batch 1 and throughput at batch 32, resnet20 throughput at batch
+  256: eager against resnetlab's inference path (BN folded, channels_last; compiled) and onnxruntime
+  on the exported model.
+- **depth**: time per training step and peak memory against depth (ResNet-20 ... 1202), with and
+  without gradient checkpointing, each in a fresh process.
+
+Warm-up and compilation are timed apart and never inside a throughput figure. Every row processes
+the same images with the same model as its baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import PerImageDataset, baseline_steps, matmul_peak, resnetlab_steps
+
+from resnetlab import TrainConfig, create_model
+from resnetlab.data import prepare_data
+from resnetlab.inference import prepare_inference
+from resnetlab.summary import summarize
+from resnetlab.training.distributed import SINGLE_PROCESS
+from resnetlab.training.engine import Trainer
+
+TRAIN_CASES = [("resnet20", 32), ("resnet56", 32), ("resnet110", 32), ("resnet18", 224), ("resnet50", 224)]
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = [
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def section_peak() -> dict:
+    fp32, bf16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    print(f"\nmatmul peak (2048^3, {torch.get_num_threads()} threads): float32 {fp32:.0f} GFLOP/s, bfloat16 {bf16:.0f}")
+    return {"fp32_gflops": fp32, "bf16_gflops": bf16}
+
+
+def section_train(quick: bool, peak: dict) -> list[dict]:
+    rows, out = [], []
+    cases = TRAIN_CASES[:2] if quick else TRAIN_CASES
+    for model_name, size in cases:
+        for batch in (128,) if quick else (128, 256):
+            steps = (2 if size > 64 else 12) if not quick else 2
+            n = max(batch * 2, 512 if size > 64 else 4096)
+            data = prepare_data(f"synthetic:3x{size}x{size}:10:{n}", val_fraction=0)
+            macs = summarize(create_model(model_name, num_classes=10), (3, size, size)).macs
+            torch.manual_seed(0)
+            model = create_model(model_name, num_classes=10, input_size=(size, size))
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            loader = torch.utils.data.DataLoader(
+                PerImageDataset(data.train, data.mean, data.std, pad=size // 8),
+                batch_size=batch,
+                shuffle=True,
+                drop_last=True,
+            )
+            result = {"model": model_name, "size": size, "batch": batch, "macs": macs}
+            warm = {"baseline": baseline_steps(model, loader, opt, 1)}
+            rate = {"baseline": steps * batch / baseline_steps(model, loader, opt, steps)}
+            for label, amp in (("resnetlab_fp32", "none"), ("resnetlab_bf16", "bf16")):
+                config = TrainConfig(
+                    model=model_name,
+                    batch_size=batch,
+                    epochs=1,
+                    lr=0.01,
+                    augment="crop+flip",
+                    crop_padding=size // 8,
+                    channels_last=True,
+                    amp=amp,
+                    device="cpu",
+                )
+                trainer = Trainer(config, torch.device("cpu"), SINGLE_PROCESS, data=data)
+                warm[label] = resnetlab_steps(trainer, 1, 0)
+                rate[label] = steps * batch / resnetlab_steps(trainer, steps, 1)
+            result.update({f"{k}_img_per_s": v for k, v in rate.items()})
+            result["warmup_seconds"] = warm
+            for k in ("resnetlab_fp32", "resnetlab_bf16"):
+                result[f"{k}_ratio"] = rate[k] / rate["baseline"]
+            gflops = {k: 6 * macs * v / 1e9 for k, v in rate.items()}  # forward + backward = 3x, 2 FLOPs per MAC
+            result["gflops"] = gflops
+            out.append(result)
+            rows.append(
+                [
+                    model_name,
+                    size,
+                    batch,
+                    f"{rate['baseline']:.0f}",
+                    f"{rate['resnetlab_fp32']:.0f}",
+                    f"{result['resnetlab_fp32_ratio']:.2f}x",
+                    f"{rate['resnetlab_bf16']:.0f}",
+                    f"{result['resnetlab_bf16_ratio']:.2f}x",
+                    f"{gflops['resnetlab_fp32']:.0f} ({100 * gflops['resnetlab_fp32'] / peak['fp32_gflops']:.0f}%)",
+                    f"{gflops['resnetlab_bf16']:.0f} ({100 * gflops['resnetlab_bf16'] / peak['bf16_gflops']:.0f}%)",
+                ]
+            )
+            print(
+                f"  {model_name} {size}px batch {batch}: baseline {rate['baseline']:.0f}, "
+                f"fp32 {rate['resnetlab_fp32']:.0f}, bf16 {rate['resnetlab_bf16']:.0f} img/s",
+                flush=True,
+            )
+    print("\nTraining throughput (images/s; baseline = eager NCHW float32 with a per-image DataLoader)")
+    print(
+        table(
+            [
+                "model",
+                "px",
+                "batch",
+                "baseline",
+                "resnetlab fp32",
+                "ratio",
+                "resnetlab bf16*",
+                "ratio",
+                "fp32 GFLOP/s (% peak)",
+                "bf16 GFLOP/s (% peak)",
+            ],
+            rows,
+        )
+    )
+    print("* bf16: mixed precision (a different precision from the baseline)")
+    return out
+
+
+def _time_calls(fn, x, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+@torch.no_grad()
+def section_infer(quick: bool) -> list[dict]:
+    import onnxruntime as ort
+
+    from resnetlab.export import _to_onnx
+
+    out, rows = [], []
+    cases = [("resnet50", 224, 1, "latency"), ("resnet50", 224, 32, "throughput"), ("resnet20", 32, 256, "throughput")]
+    for model_name, size, batch, kind in cases[-1:] if quick else cases:
+        torch.manual_seed(0)
+        model = create_model(model_name).eval()
+        x = torch.randn(batch, 3, size, size)
+        repeats = 20 if batch == 1 else 5
+        paths = {}
+        t0 = time.perf_counter()
+        paths["eager"] = model
+        setup = {"eager": 0.0}
+        for mode in ("fold", "compile"):
+            t0 = time.perf_counter()
+            m = prepare_inference(model, mode)
+            xc = x.contiguous(memory_format=torch.channels_last)
+            m(xc)  # first call: compiles
+            setup[mode] = time.perf_counter() - t0
+            paths[mode] = m
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            _to_onnx(model, torch.randn(2, 3, size, size), Path(tmp) / "m.onnx", {})
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            session = ort.InferenceSession(str(Path(tmp) / "m.onnx"), options, providers=["CPUExecutionProvider"])
+            setup["onnxruntime"] = time.perf_counter() - t0
+        xn = x.numpy()
+        timings = {
+            "eager": _time_calls(paths["eager"], x, repeats),
+            "fold": _time_calls(paths["fold"], x.contiguous(memory_format=torch.channels_last), repeats),
+            "compile": _time_calls(paths["compile"], x.contiguous(memory_format=torch.channels_last), repeats),
+            "onnxruntime": _time_calls(lambda a, s=session: s.run(None, {"input": a}), xn, repeats),
+        }
+        ref = model(x)
+        diffs = {
+            "fold": float((paths["fold"](x.contiguous(memory_format=torch.channels_last)) - ref).abs().max()),
+            "compile": float((paths["compile"](x.contiguous(memory_format=torch.channels_last)) - ref).abs().max()),
+            "onnxruntime": float(abs(session.run(None, {"input": xn})[0] - ref.numpy()).max()),
+        }
+        median = {k: statistics.median(v) for k, v in timings.items()}
+        result = {
+            "model": model_name,
+            "size": size,
+            "batch": batch,
+            "kind": kind,
+            "median_seconds": median,
+            "setup_seconds": setup,
+            "max_abs_diff": diffs,
+        }
+        out.append(result)
+        if kind == "latency":
+            cells = [f"{1000 * median[k]:.1f} ms" for k in ("eager", "fold", "compile", "onnxruntime")]
+        else:
+            cells = [f"{batch / median[k]:.0f} img/s" for k in ("eager", "fold", "compile", "onnxruntime")]
+        rows.append([model_name, size, batch, kind, *cells])
+        print(
+            f"  {model_name} batch {batch}: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in median.items()),
+            flush=True,
+        )
+    print("\nInference (float32; median of repeated calls; set-up time excluded, see JSON)")
+    print(
+        table(
+            ["model", "px", "batch", "measure", "eager NCHW", "folded BN, NHWC", "folded + compiled", "onnxruntime"],
+            rows,
+        )
+    )
+    return out
+
+
+DEPTH_PROBE = r"""
+import json, resource, sys, time, torch, resnetlab
+depth, ckpt, batch = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
+torch.manual_seed(0)
+model = resnetlab.models.cifar_resnet(depth).to(memory_format=torch.channels_last)
+if ckpt:
+    model.set_grad_checkpointing()
+opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+y = torch.randint(0, 10, (batch,))
+def step():
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad(); loss.backward(); opt.step()
+step()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+times = []
+for _ in range(3):
+    t0 = time.perf_counter(); step(); times.append(time.perf_counter() - t0)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+params = sum(p.numel() for p in model.parameters())
+print(json.dumps({"step_seconds": sorted(times)[1], "peak_rss_mib": peak / 1024, "params": params}))
+"""
+
+
+def section_depth(quick: bool) -> list[dict]:
+    depths = [20, 56, 110] if quick else [20, 56, 110, 218, 434, 1202]
+    batch = 64
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed memory goes back, so peak RSS is honest
+    out, rows = [], []
+    for depth in depths:
+        row = [depth]
+        for ckpt in (False, True):
+            proc = subprocess.run(
+                [sys.executable, "-c", DEPTH_PROBE, str(depth), str(int(ckpt)), str(batch)],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=1800,
+            )
+            if proc.returncode:
+                raise RuntimeError(proc.stderr)
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r.update(depth=depth, checkpointing=ckpt, batch=batch)
+            out.append(r)
+            row += [f"{r['step_seconds']:.2f}", f"{r['peak_rss_mib']:.0f}"]
+        print(f"  depth {depth}: " + " ".join(row[1:]), flush=True)
+        rows.append(row)
+    base = {c: next(r for r in out if r["depth"] == depths[0] and r["checkpointing"] == c) for c in (False, True)}
+    for row, depth in zip(rows, depths, strict=True):
+        for c in (False, True):
+            r = next(x for x in out if x["depth"] == depth and x["checkpointing"] == c)
+            row.append(f"{r['step_seconds'] / base[c]['step_seconds'] / (depth / depths[0]):.2f}")
+    print(
+        f"\nCost against depth (CIFAR ResNets, batch {batch}, one training step; peak resident memory of a fresh "
+        "process)"
+    )
+    print(
+        table(["depth", "s/step", "peak MiB", "s/step ckpt", "peak MiB ckpt", "time/depth vs d20", "same, ckpt"], rows)
+    )
+    print("time/depth vs d20 near 1.0 means time grows linearly with depth")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", default="peak,train,infer,depth")
+    ap.add_argument("--quick", action="store_true", help="a few cases only (a smoke run)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sections = args.sections.split(",")
+    results: dict = {
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    peak = section_peak()
+    results["peak"] = peak
+    if "train" in sections:
+        results["train"] = section_train(args.quick, peak)
+    if "infer" in sections:
+        results["infer"] = section_infer(args.quick)
+    if "depth" in sections:
+        results["depth"] = section_depth(args.quick)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

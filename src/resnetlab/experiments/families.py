@@ -1,0 +1,212 @@
+"""``resnetlab study families``: residual designs compared at one recipe and one budget.
+
+Each chosen model (ResNets, MobileNetV2, EfficientNet-B0, DenseNet-BC, their plain twins: any
+registered name) is trained with the same recipe on the same data; the study reports validation
+accuracy against parameters, multiply-accumulates and the training and inference speed measured on
+this machine, as a table and an accuracy-versus-cost figure, with mean and spread over seeds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from ..data.prepare import prepare_data
+from ..errors import UserError
+from ..models import create_model, is_model
+from ..summary import format_count, summarize
+from ..training.config import TrainConfig, knob
+from .study import Study, fmt_mean_std, markdown_table, mean_std, pyplot
+
+
+@dataclass
+class FamilySettings:
+    data: str = knob("cifar10", "data set name or path (see resnetlab train --data)")
+    models: list[str] = knob(
+        ["resnet20", "resnet56", "mobilenet_v2_cifar", "efficientnet_b0_cifar", "densenet_bc_100"],
+        "registered models to compare (any name from resnetlab list)",
+    )
+    budget: float = knob(0.2, "fraction of the training images used")
+    epochs: int = knob(6, "training epochs of every run")
+    seeds: int = knob(2, "seeds per model (mean and spread)")
+    batch_size: int = knob(128, "images per step")
+    lr: float = knob(0.1, "peak learning rate (SGD, cosine with one warm-up epoch)")
+    amp: str = knob("none", "mixed precision for every run: none or bf16")
+    threads: int = knob(0, "CPU threads; 0 = PyTorch's default")
+
+
+def _config(s: FamilySettings, model: str, seed: int) -> TrainConfig:
+    return TrainConfig(
+        model=model,
+        data=s.data,
+        train_fraction=s.budget,
+        epochs=s.epochs,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        weight_decay=5e-4,
+        schedule="cosine",
+        warmup_epochs=1.0,
+        label_smoothing=0.1,
+        channels_last=True,
+        amp=s.amp,  # type: ignore[arg-type]
+        threads=s.threads,
+        seed=seed,
+        keep_checkpoints=1,
+    )
+
+
+@torch.no_grad()
+def inference_speed(model: torch.nn.Module, shape: tuple[int, int, int], batch: int = 256, repeats: int = 5) -> float:
+    """Images per second of the model in eval mode on random inputs (after two warm-up batches)."""
+    model = model.eval().to(memory_format=torch.channels_last)
+    x = torch.randn(batch, *shape).contiguous(memory_format=torch.channels_last)
+    for _ in range(2):
+        model(x)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        model(x)
+    return batch * repeats / (time.perf_counter() - t0)
+
+
+def run_families(s: FamilySettings, out: str | None = None, progress: bool = True) -> dict[str, Any]:
+    unknown = [m for m in s.models if not is_model(m)]
+    if unknown:
+        raise UserError(f"--models {unknown[0]}: not a registered model (resnetlab list)")
+    if s.amp not in ("none", "bf16"):
+        raise UserError("--amp must be none or bf16")
+    study = Study.open("families", out, progress=False)
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    data = prepare_data(s.data, train_fraction=s.budget)
+    c, h, w = data.input_shape
+    costs = {}
+    for name in s.models:
+        model = create_model(name, num_classes=len(data.classes), in_chans=c, input_size=(h, w))
+        summary = summarize(model, data.input_shape)
+        costs[name] = {"params": summary.params, "macs": summary.macs}
+    images = len(data.train) * s.epochs * s.seeds
+    estimate = sum(3 * costs[m]["macs"] * images / 60e9 for m in s.models)  # ~60 G multiply-adds/s when training
+    study.announce(
+        f"{len(s.models)} models x {s.seeds} seeds on {len(data.train)} images of {data.name} for {s.epochs} epochs",
+        estimate,
+    )
+    from tqdm import tqdm
+
+    results: dict[str, dict[str, Any]] = {}
+    bar = tqdm(total=len(s.models) * s.seeds, desc="families", unit="run", disable=not progress, dynamic_ncols=True)
+    for name in s.models:
+        accs, train_speed = [], []
+        for seed in range(s.seeds):
+            bar.set_postfix_str(f"{name} seed {seed}")
+            history = study.run(f"{name}-s{seed}", _config(s, name, seed))
+            accs.append(history[-1]["val_acc"])
+            train_speed.append(sum(r["img_per_s"] for r in history) / len(history))
+            bar.update(1)
+        model = create_model(name, num_classes=len(data.classes), in_chans=c, input_size=(h, w))
+        results[name] = {
+            **costs[name],
+            "val_acc": accs,
+            "train_img_per_s": train_speed,
+            "infer_img_per_s": inference_speed(model, data.input_shape),
+        }
+    bar.close()
+    return _summarise(study, s, data.name, len(data.train), results)
+
+
+def _summarise(study: Study, s: FamilySettings, data_name: str, n_train: int, results: dict) -> dict[str, Any]:
+    rows, table = [], []
+    for name, r in results.items():
+        m, sd = mean_std(r["val_acc"])
+        speed = mean_std(r["train_img_per_s"])[0]
+        rows.append(
+            {
+                "model": name,
+                "params": r["params"],
+                "macs": r["macs"],
+                "val_acc_mean": m,
+                "val_acc_std": sd,
+                "train_img_per_s": round(speed, 1),
+                "infer_img_per_s": round(r["infer_img_per_s"], 1),
+            }
+        )
+        table.append(
+            [
+                name,
+                f"{r['params']:,}",
+                format_count(r["macs"]),
+                fmt_mean_std(r["val_acc"]),
+                f"{speed:.0f}",
+                f"{r['infer_img_per_s']:.0f}",
+            ]
+        )
+    study.write_csv("families.csv", rows)
+    headline = {f"{r['model']}_val_acc": round(r["val_acc_mean"], 2) for r in rows}
+    study.write_json(
+        "results.json",
+        {"settings": asdict(s), "data": data_name, "train_images": n_train, "models": rows, "headline": headline},
+    )
+    _figure(study, s, data_name, n_train, rows, results)
+    header = ["model", "parameters", "MACs", "val acc %", "train img/s", "inference img/s"]
+    best = max(rows, key=lambda r: r["val_acc_mean"])
+    cheapest = min(rows, key=lambda r: r["macs"])
+    fastest = max(rows, key=lambda r: r["train_img_per_s"])
+    lines = [
+        f"# Residual families on {data_name}",
+        "",
+        f"Every model trained with one recipe: {n_train} training images ({s.budget:.0%} of the split after holding "
+        f"out validation), {s.epochs} epochs, SGD lr {s.lr} cosine with one warm-up epoch, weight decay 5e-4, "
+        f"label smoothing 0.1, batch {s.batch_size}, crop and flip, precision {s.amp}; {s.seeds} seeds. Speeds are "
+        "measured on this machine: training as the mean images/s of the runs' epochs, inference in eval mode at "
+        "batch 256 (channels_last, float32). MACs per image at the data's size.",
+        "",
+        markdown_table(header, table),
+        "",
+        "![accuracy against cost](families.png)",
+        "",
+        "## What the numbers show",
+        "",
+        f"- Most accurate at this budget: {best['model']} ({best['val_acc_mean']:.2f}%); fewest MACs: "
+        f"{cheapest['model']} ({format_count(cheapest['macs'])}); fastest to train here: {fastest['model']} "
+        f"({fastest['train_img_per_s']:.0f} images/s).",
+        "- MACs are not time on a CPU: depthwise convolutions (MobileNetV2, EfficientNet) and concatenations "
+        "(DenseNet) run far below the machine's multiply-add rate, so compare the measured speeds.",
+        f"- With {s.epochs} epochs on {s.budget:.0%} of the data these are early-training accuracies, not the "
+        "models' converged ones; bigger models usually need longer to pull ahead.",
+        "",
+        f"Raw numbers: `families.csv`, `results.json`; runs in `runs/`. Study time: {study.elapsed():.0f} s.",
+    ]
+    study.write_report("\n".join(lines))
+    print()
+    print(markdown_table(header, table))
+    print(f"\nfigure: {study.out / 'families.png'}   report: {study.out / 'report.md'}")
+    return {"out": str(study.out), **headline}
+
+
+def _figure(study: Study, s: FamilySettings, data_name: str, n_train: int, rows: list, results: dict) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), constrained_layout=True)
+    keys = [
+        ("macs", "multiply-accumulates per image", True),
+        ("params", "parameters", True),
+        ("train_img_per_s", "training images per second (this machine)", False),
+    ]
+    colors = plt.cm.tab10.colors
+    for ax, (key, label, log) in zip(axes, keys, strict=True):
+        for i, r in enumerate(rows):
+            sd = r["val_acc_std"]
+            ax.errorbar(r[key], r["val_acc_mean"], yerr=sd, fmt="o", capsize=4, color=colors[i % 10], label=r["model"])
+            ax.annotate(r["model"], (r[key], r["val_acc_mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation accuracy (%)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(
+        f"Accuracy against cost on {data_name}: {n_train} training images, {s.epochs} epochs, one recipe; "
+        f"mean ± std of {s.seeds} seeds"
+    )
+    study.save_figure(fig, "families")
