@@ -196,8 +196,6 @@ def test_a_full_disk_stops_cleanly_and_keeps_the_previous_checkpoint(small_disk)
         "train",
         "--model",
         "residual_mlp",
-        "--model-args",
-        "width=256",
         "--batch-size",
         "64",
         "--no-progress",
@@ -215,7 +213,7 @@ def test_a_full_disk_stops_cleanly_and_keeps_the_previous_checkpoint(small_disk)
     proc = cli("train", "--resume", str(run), "--no-progress")
     assert proc.returncode == 1, proc.stderr
     assert "cannot write to" in proc.stderr and str(run / "checkpoints") in proc.stderr
-    assert "Traceback" not in proc.stderr and "previous checkpoint is intact" in proc.stderr
+    assert "Traceback" not in proc.stderr and "previous checkpoint (e0001-s000000) is intact" in proc.stderr
     verify_checkpoint(latest_checkpoint(run))
     assert latest_checkpoint(run).name == "e0001-s000000" and epochs_in(run) == [1]
     assert not list((run / "checkpoints").glob(".tmp-*"))
@@ -280,11 +278,13 @@ def test_a_second_process_on_the_same_run_folder_is_refused_and_a_killed_one_lea
         [sys.executable, "-m", "resnetlab", "train", "--resume", str(run), "--no-progress"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        text=True,
     )
-    time.sleep(4)
+    first_line = again.stdout.readline()  # it got the lock: the killed process left none behind
     again.send_signal(signal.SIGTERM)
-    out, err = again.communicate(timeout=120)
-    assert "in use" not in err and ("resuming" in out or again.returncode == 0)
+    _, err = again.communicate(timeout=120)
+    assert first_line.startswith("resuming"), (first_line, err)
+    assert again.returncode == 130 and "Resume with" in err
 
 
 # --- 8. numerical faults -----------------------------------------------------------------------

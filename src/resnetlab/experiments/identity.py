@@ -199,7 +199,7 @@ def run_identity(s: IdentitySettings, out: str | None = None, progress: bool = T
         )
 
         # (c) ||F(x)|| / ||x|| per block over the base run's epochs
-        ckpts = sorted(p for p in (base_dir / "checkpoints").iterdir() if p.is_dir() and p.name.startswith("e"))
+        ckpts = sorted(p for p in (base_dir / "checkpoints").iterdir() if p.is_dir() and p.name.endswith("-s000000"))
         for ckpt in ckpts:
             weights, ck_info = read_model_file(ckpt / "model.safetensors")
             net = ck_info.build()

@@ -20,7 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import ModelInfo, intact_checkpoints, load_train_state, read_model_file, save_checkpoint
+from ..checkpoint import (
+    ModelInfo,
+    intact_checkpoints,
+    latest_checkpoint,
+    load_train_state,
+    read_model_file,
+    save_checkpoint,
+)
 from ..data.prepare import PreparedData, prepare_data
 from ..errors import UserError
 from ..fileio import FolderLock, atomic_write_text
@@ -221,7 +228,8 @@ class Trainer:
             if self.config.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
         y = y.to(self.device, non_blocking=True)
-        torch._foreach_copy_(self._norm_stats_saved, self._norm_stats)
+        if self._norm_stats:
+            torch._foreach_copy_(self._norm_stats_saved, self._norm_stats)
         with self.autocast():
             out = self.model(inputs)
             loss = self.criterion(out, y)
@@ -238,8 +246,9 @@ class Trainer:
             norm = nn.utils.get_total_norm(grads)
         finite = torch.isfinite(loss) if self.scaler is not None else torch.isfinite(loss) & torch.isfinite(norm)
         if not bool(finite):  # a host sync per step; it is what lets a bad step be refused, not just noticed
-            torch._foreach_copy_(self._norm_stats, self._norm_stats_saved)
-            raise NonFiniteStep(float(loss), float(norm))
+            if self._norm_stats:
+                torch._foreach_copy_(self._norm_stats, self._norm_stats_saved)
+            raise NonFiniteStep(float(loss.detach()), float(norm))
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -295,9 +304,11 @@ class Trainer:
                 atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in pos.history))
             except OSError as err:
                 where = err.filename or run_dir / "checkpoints"
+                previous = latest_checkpoint(run_dir)
+                kept = f"the previous checkpoint ({previous.name}) is intact" if previous else "no checkpoint yet"
                 raise CheckpointError(
-                    f"cannot write to {where}: {err.strerror or err}. The previous checkpoint is intact; make "
-                    f"room (or make the folder writable) and resume with: resnetlab train --resume {run_dir}"
+                    f"cannot write to {where}: {err.strerror or err}; {kept}. Make room (or make the folder "
+                    f"writable) and resume with: resnetlab train --resume {run_dir}"
                 ) from None
         barrier(self.dist)
         return path
@@ -379,7 +390,8 @@ def _new_run_dir(config: TrainConfig) -> Path:
         data = Path(config.data).name if ("/" in config.data or "\\" in config.data) else config.data
         data = data.replace(":", "-") or "data"
         run_dir = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.model}-{data}"
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    # A folder holding only the lock of a run killed before it wrote anything counts as empty.
+    if run_dir.exists() and (not run_dir.is_dir() or any(p.name != ".lock" for p in run_dir.iterdir())):
         raise UserError(f"--out {run_dir}: already exists and is not empty; continue it with --resume {run_dir}")
     return run_dir
 
@@ -440,6 +452,8 @@ def _run(trainer: Trainer, run_dir: Path, resuming: bool, progress: bool, verbos
     if resuming:
         if lock is not None:
             lock.acquire()
+            for stale in run_dir.glob(".*.tmp"):  # half-written files of a killed process
+                stale.unlink(missing_ok=True)
         for candidate in intact_checkpoints(run_dir):
             try:
                 trainer.restore(candidate)
