@@ -30,14 +30,14 @@ def read_jsonl(path: Path) -> list[dict]:
 def first_reaching(history: list[dict], target: float) -> float | None:
     """Seconds of training (elapsed) at the end of the first epoch whose validation accuracy >= target."""
     for r in history:
-        if r["val_acc"] >= target:
+        if r["val_acc"] is not None and r["val_acc"] >= target:
             return r["elapsed_seconds"]
     return None
 
 
 def acc_at(history: list[dict], seconds: float) -> float | None:
     """Validation accuracy of the last epoch finished within ``seconds``."""
-    done = [r for r in history if r["elapsed_seconds"] <= seconds]
+    done = [r for r in history if r["elapsed_seconds"] <= seconds and r["val_acc"] is not None]
     return done[-1]["val_acc"] if done else None
 
 

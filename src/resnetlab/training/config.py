@@ -92,6 +92,7 @@ class TrainConfig:
     grad_clip: float = knob(0.0, "clip the gradient norm to this value; 0 = off")
     ema_decay: float = knob(0.0, "keep an exponential moving average of the weights; 0 = off")
     eval_flip: bool = knob(False, "validate on each image and its mirror image, averaging the logits")
+    eval_every: int = knob(1, "validate every N epochs (and after the last); other epochs record no validation")
 
     # --- hardware --------------------------------------------------------------------------------
     device: str = knob("auto", "auto | cpu | cuda | cuda:N")
@@ -130,6 +131,7 @@ class TrainConfig:
             (0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)"),
             (self.threads >= 0, "--threads must be >= 0"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
+            (self.eval_every >= 1, "--eval-every must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

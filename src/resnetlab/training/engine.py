@@ -543,7 +543,8 @@ def _loop(trainer: Trainer, run_dir: Path, ckpt: Path | None, progress: bool, sa
 
             totals = torch.tensor([pos.loss_sum, pos.correct, pos.seen], dtype=torch.float64)
             totals = all_reduce_sum(totals, dist)
-            val = trainer.evaluate()
+            due = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+            val = trainer.evaluate() if due else None
             pos.elapsed = elapsed_before + time.monotonic() - session_start
             record = {
                 "epoch": epoch + 1,

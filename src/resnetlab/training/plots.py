@@ -14,13 +14,14 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for key, style, label in (("train", "--", "training"), ("val", "-", "validation")):
-        if any(r.get(f"{key}_loss") is None for r in history):
+        done = [r for r in history if r.get(f"{key}_loss") is not None]  # validation may skip epochs
+        if not done:
             continue
-        ax_loss.plot(epochs, [r[f"{key}_loss"] for r in history], style, label=label)
-        ax_err.plot(epochs, [100 - r[f"{key}_acc"] for r in history], style, label=label)
+        epochs = [r["epoch"] for r in done]
+        ax_loss.plot(epochs, [r[f"{key}_loss"] for r in done], style, marker=".", label=label)
+        ax_err.plot(epochs, [100 - r[f"{key}_acc"] for r in done], style, marker=".", label=label)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
     ax_err.set(xlabel="epoch", ylabel="error (%)", title="error")
     for ax in (ax_loss, ax_err):
