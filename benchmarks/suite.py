@@ -241,7 +241,6 @@ def step():
     loss = torch.nn.functional.cross_entropy(model(x), y)
     opt.zero_grad(); loss.backward(); opt.step()
 step()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 times = []
 for _ in range(3):
     t0 = time.perf_counter(); step(); times.append(time.perf_counter() - t0)

@@ -287,6 +287,21 @@ def test_a_second_process_on_the_same_run_folder_is_refused_and_a_killed_one_lea
     assert again.returncode == 130 and "Resume with" in err
 
 
+def test_a_run_killed_before_its_config_was_written_starts_again_with_the_same_out(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text("12345\n")  # what a process killed inside atomic_write_text leaves
+    (run / ".config.toml.x1y2.tmp").write_text("model = \"res")
+    done = cli("train", *MLP, "--epochs", "1", "--out", str(run))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in run.glob(".*.tmp")) == []
+    assert (run / "result.json").is_file()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")  # anything else is the user's: refused
+    refused = cli("train", *MLP, "--epochs", "1", "--out", str(tmp_path / "other"))
+    assert refused.returncode == 2 and "already exists and is not empty" in refused.stderr
+
+
 # --- 8. numerical faults -----------------------------------------------------------------------
 
 

@@ -43,13 +43,3 @@ def prepare_inference(model: nn.Module, mode: Mode = "fold", channels_last: bool
         out = torch.compile(out)
     return out
 
-
-class ChannelsLastInput(nn.Module):
-    """Wraps a model so that its input is converted to channels_last (NHWC) first."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.contiguous(memory_format=torch.channels_last))

@@ -20,6 +20,7 @@ import torch
 from ..data.prepare import prepare_data
 from ..models import cifar_resnet
 from ..training.config import TrainConfig, knob
+from ..training.progress import RunProgress
 from .study import Study, config_block, fmt_mean_std, markdown_table, mean_std, pyplot
 
 PAPER_EPOCHS = 164
@@ -106,16 +107,17 @@ def run_degradation(s: DegradationSettings, out: str | None = None, progress: bo
         f"{len(data.train)} training images (budget {s.budget:g}), {s.epochs} epochs, {s.seeds} seed(s)",
         estimate_seconds(s, len(data.train)),
     )
-    from tqdm import tqdm
 
     steps_per_epoch = len(data.train) // s.batch_size
     histories = {}
-    bar = tqdm(runs, desc="degradation", unit="run", disable=not progress, dynamic_ncols=True)
-    for depth, plain, seed in bar:
-        kind = "plain" if plain else "resnet"
-        bar.set_postfix_str(f"{kind}-{depth} seed {seed}")
-        histories[depth, plain, seed] = study.run(f"{kind}{depth}-s{seed}", degradation_config(s, depth, plain, seed))
-    bar.close()
+    with RunProgress(len(runs), "degradation", enabled=progress) as bar:
+        for depth, plain, seed in runs:
+            kind = "plain" if plain else "resnet"
+            bar.set_postfix_str(f"{kind}-{depth} seed {seed}")
+            histories[depth, plain, seed] = study.run(
+                f"{kind}{depth}-s{seed}", degradation_config(s, depth, plain, seed)
+            )
+            bar.update()
     return _summarise(study, s, histories, steps_per_epoch, data.name, len(data.train), len(data.val or []))
 
 

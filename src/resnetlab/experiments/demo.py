@@ -14,8 +14,10 @@ from typing import Any
 import torch
 
 from ..data.prepare import prepare_data
+from ..errors import UserError
 from ..models import create_model
 from ..training.config import TrainConfig, knob
+from ..training.progress import RunProgress
 from .study import Study, fmt_mean_std, markdown_table, mean_std, pyplot
 
 
@@ -80,6 +82,10 @@ def estimate_seconds(settings: DemoSettings) -> float:
 
 
 def run_demo(settings: DemoSettings, out: str | None = None, progress: bool = True) -> dict[str, Any]:
+    bad = [d for d in settings.depths if d < 2 or d % 2]
+    if bad:
+        raise UserError(f"--depths {bad[0]}: hidden layers come two per block, so an even number >= 2")
+    settings.depths = sorted(set(settings.depths))
     study = Study.open("demo", out, progress=False)
     runs = [(d, p, s) for s in range(settings.seeds) for d in settings.depths for p in (True, False)]
     study.announce(
@@ -87,15 +93,14 @@ def run_demo(settings: DemoSettings, out: str | None = None, progress: bool = Tr
         f"{settings.width} on the 8x8 digits, {settings.seeds} seeds",
         estimate_seconds(settings),
     )
-    from tqdm import tqdm
 
     histories: dict[tuple[int, bool, int], list[dict[str, Any]]] = {}
-    bar = tqdm(runs, desc="demo", unit="run", disable=not progress, dynamic_ncols=True)
-    for depth, plain, seed in bar:
-        bar.set_postfix_str(f"{'plain' if plain else 'residual'} depth {depth} seed {seed}")
-        name = f"{'plain' if plain else 'residual'}-d{depth}-s{seed}"
-        histories[depth, plain, seed] = study.run(name, demo_config(settings, depth, plain, seed))
-    bar.close()
+    with RunProgress(len(runs), "demo", enabled=progress) as bar:
+        for depth, plain, seed in runs:
+            bar.set_postfix_str(f"{'plain' if plain else 'residual'} depth {depth} seed {seed}")
+            name = f"{'plain' if plain else 'residual'}-d{depth}-s{seed}"
+            histories[depth, plain, seed] = study.run(name, demo_config(settings, depth, plain, seed))
+            bar.update()
     return summarise(study, settings, histories)
 
 

@@ -19,6 +19,7 @@ from ..errors import UserError
 from ..models import create_model, is_model
 from ..summary import format_count, summarize
 from ..training.config import TrainConfig, knob
+from ..training.progress import RunProgress
 from .study import Study, fmt_mean_std, markdown_table, mean_std, pyplot
 
 
@@ -93,26 +94,24 @@ def run_families(s: FamilySettings, out: str | None = None, progress: bool = Tru
         f"{len(s.models)} models x {s.seeds} seeds on {len(data.train)} images of {data.name} for {s.epochs} epochs",
         estimate,
     )
-    from tqdm import tqdm
 
     results: dict[str, dict[str, Any]] = {}
-    bar = tqdm(total=len(s.models) * s.seeds, desc="families", unit="run", disable=not progress, dynamic_ncols=True)
-    for name in s.models:
-        accs, train_speed = [], []
-        for seed in range(s.seeds):
-            bar.set_postfix_str(f"{name} seed {seed}")
-            history = study.run(f"{name}-s{seed}", _config(s, name, seed))
-            accs.append(history[-1]["val_acc"])
-            train_speed.append(sum(r["img_per_s"] for r in history) / len(history))
-            bar.update(1)
-        model = create_model(name, num_classes=len(data.classes), in_chans=c, input_size=(h, w))
-        results[name] = {
-            **costs[name],
-            "val_acc": accs,
-            "train_img_per_s": train_speed,
-            "infer_img_per_s": inference_speed(model, data.input_shape),
-        }
-    bar.close()
+    with RunProgress(len(s.models) * s.seeds, "families", enabled=progress) as bar:
+        for name in s.models:
+            accs, train_speed = [], []
+            for seed in range(s.seeds):
+                bar.set_postfix_str(f"{name} seed {seed}")
+                history = study.run(f"{name}-s{seed}", _config(s, name, seed))
+                accs.append(history[-1]["val_acc"])
+                train_speed.append(sum(r["img_per_s"] for r in history) / len(history))
+                bar.update(1)
+            model = create_model(name, num_classes=len(data.classes), in_chans=c, input_size=(h, w))
+            results[name] = {
+                **costs[name],
+                "val_acc": accs,
+                "train_img_per_s": train_speed,
+                "infer_img_per_s": inference_speed(model, data.input_shape),
+            }
     return _summarise(study, s, data.name, len(data.train), results)
 
 

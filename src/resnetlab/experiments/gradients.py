@@ -30,6 +30,7 @@ from ..errors import UserError
 from ..training.config import TrainConfig, knob
 from ..training.distributed import SINGLE_PROCESS
 from ..training.engine import Trainer
+from ..training.progress import RunProgress
 from .study import Study, fmt_mean_std, markdown_table, mean_std, pyplot
 
 VARIANTS = [(norm, plain) for norm in ("batch", "none") for plain in (True, False)]
@@ -112,33 +113,31 @@ def run_gradients(s: GradientSettings, out: str | None = None, progress: bool = 
         f"training steps, and input-gradient similarity at depths {s.depths}; {s.seeds} seeds, {data.name}",
         _estimate(s),
     )
-    from tqdm import tqdm
 
     norms: dict[str, dict[int, list[list[float]]]] = {}  # variant -> step -> per seed: per-layer norms
     losses: dict[str, dict[int, list[float]]] = {}
     similarity: dict[str, dict[int, list[float]]] = {}  # variant -> depth -> per seed
-    bar = tqdm(total=len(jobs) * (1 + len(s.depths)), desc="gradients", disable=not progress, dynamic_ncols=True)
-    for seed, norm, plain in jobs:
-        key = _name(norm, plain)
-        bar.set_postfix_str(f"{key} seed {seed}")
-        trainer = Trainer(_config(s, s.depth, norm, plain, seed), torch.device("cpu"), SINGLE_PROCESS, data=data)
-        batches = trainer.train_loader.batches(0)
-        for step in range(s.steps[-1] + 1):
-            x, y = next(batches)
-            stats = trainer.step(x, y)  # leaves this step's gradients in .grad
-            if step in s.steps:
-                norms.setdefault(key, {}).setdefault(step, []).append(conv_grad_norms(trainer.core))
-                losses.setdefault(key, {}).setdefault(step, []).append(float(stats[0] / stats[2]))
-        bar.update(1)
-        x, y = data.train.images[:64], data.train.labels[:64]
-        for depth in s.depths:
-            torch.manual_seed(seed)
-            trainer = Trainer(_config(s, depth, norm, plain, seed), torch.device("cpu"), SINGLE_PROCESS, data=data)
-            model = trainer.core.train()
-            sim = input_gradient_similarity(model, trainer.preprocess(x), y, s.distance, seed)
-            similarity.setdefault(key, {}).setdefault(depth, []).append(sim)
+    with RunProgress(len(jobs) * (1 + len(s.depths)), "gradients", unit="step", enabled=progress) as bar:
+        for seed, norm, plain in jobs:
+            key = _name(norm, plain)
+            bar.set_postfix_str(f"{key} seed {seed}")
+            trainer = Trainer(_config(s, s.depth, norm, plain, seed), torch.device("cpu"), SINGLE_PROCESS, data=data)
+            batches = trainer.train_loader.batches(0)
+            for step in range(s.steps[-1] + 1):
+                x, y = next(batches)
+                stats = trainer.step(x, y)  # leaves this step's gradients in .grad
+                if step in s.steps:
+                    norms.setdefault(key, {}).setdefault(step, []).append(conv_grad_norms(trainer.core))
+                    losses.setdefault(key, {}).setdefault(step, []).append(float(stats[0] / stats[2]))
             bar.update(1)
-    bar.close()
+            x, y = data.train.images[:64], data.train.labels[:64]
+            for depth in s.depths:
+                torch.manual_seed(seed)
+                trainer = Trainer(_config(s, depth, norm, plain, seed), torch.device("cpu"), SINGLE_PROCESS, data=data)
+                model = trainer.core.train()
+                sim = input_gradient_similarity(model, trainer.preprocess(x), y, s.distance, seed)
+                similarity.setdefault(key, {}).setdefault(depth, []).append(sim)
+                bar.update(1)
     return _summarise(study, s, data.name, norms, losses, similarity)
 
 

@@ -27,6 +27,7 @@ from ..errors import UserError
 from ..models import create_model
 from ..training.config import TrainConfig, knob
 from ..training.evaluate import evaluate
+from ..training.progress import RunProgress
 from ..training.setup import Preprocess, make_loader
 from .study import Study, fmt_mean_std, markdown_table, mean_std, pyplot
 
@@ -142,7 +143,6 @@ def run_identity(s: IdentitySettings, out: str | None = None, progress: bool = T
         f"zero-initialised block(s) per stage, fine-tune {s.finetune_epochs} epochs; {s.seeds} seeds",
         per_run * s.seeds,
     )
-    from tqdm import tqdm
 
     device = torch.device("cpu")
     val_loader = make_loader(data.val, 256, train=False, device=device, input_shape=data.input_shape)
@@ -150,68 +150,69 @@ def run_identity(s: IdentitySettings, out: str | None = None, progress: bool = T
     results: list[dict[str, Any]] = []
     ratio_rows: list[dict[str, Any]] = []
     zero_rows: list[dict[str, Any]] = []
-    bar = tqdm(total=s.seeds * 3, desc="identity", unit="run", disable=not progress, dynamic_ncols=True)
-    for seed in range(s.seeds):
-        base_name = f"base-resnet{s.depth}-s{seed}"
-        study.run(base_name, _base_config(s, seed))
-        bar.update(1)
-        base_dir = study.out / "runs" / base_name
-        model, info = load_model(base_dir)
-        pre = Preprocess(info.mean, info.std)
-        x = pre(x_val)
-
-        # (a) zero branches are identities on real activations
-        for row in zero_branch_check(model, x):
-            zero_rows.append({"seed": seed, **row})
-
-        # (b) deepen: same outputs, same accuracy; then fine-tune both
-        deeper = deepen(model, s.depth, s.insert).eval()
-        with torch.no_grad():
-            out_diff = float((deeper(x) - model(x)).abs().max())
-        acc_before = evaluate(model, val_loader, pre, len(info.classes)).acc
-        acc_deeper = evaluate(deeper, val_loader, pre, len(info.classes)).acc
-        deeper_info = ModelInfo(
-            **{
-                **asdict(info),
-                "model": "resnet_cifar",
-                "model_kwargs": {**info.model_kwargs, "depth": s.depth + 6 * s.insert},
-            }
-        )
-        deep_file = study.out / f"deepened-s{seed}.safetensors"
-        save_model_file(deep_file, deeper.state_dict(), deeper_info)
-        tuned = {}
-        for label, depth, init in (
-            ("original", s.depth, base_dir),
-            ("deepened", s.depth + 6 * s.insert, deep_file),
-        ):
-            hist = study.run(f"finetune-{label}-s{seed}", _finetune_config(s, seed, depth, init))
-            tuned[label] = hist[-1]["val_acc"]
+    with RunProgress(s.seeds * 3, "identity", enabled=progress) as bar:
+        for seed in range(s.seeds):
+            base_name = f"base-resnet{s.depth}-s{seed}"
+            study.run(base_name, _base_config(s, seed))
             bar.update(1)
-        results.append(
-            {
-                "seed": seed,
-                "base_val_acc": acc_before,
-                "deepened_val_acc": acc_deeper,
-                "max_output_difference": out_diff,
-                "finetuned_original_val_acc": tuned["original"],
-                "finetuned_deepened_val_acc": tuned["deepened"],
-            }
-        )
+            base_dir = study.out / "runs" / base_name
+            model, info = load_model(base_dir)
+            pre = Preprocess(info.mean, info.std)
+            x = pre(x_val)
 
-        # (c) ||F(x)|| / ||x|| per block over the base run's epochs
-        ckpts = sorted(p for p in (base_dir / "checkpoints").iterdir() if p.is_dir() and p.name.endswith("-s000000"))
-        for ckpt in ckpts:
-            weights, ck_info = read_model_file(ckpt / "model.safetensors")
-            net = ck_info.build()
-            net.load_state_dict(weights)
-            net.eval()
-            for i, r in enumerate(branch_ratios(net, x)):
-                ratio_rows.append({"seed": seed, "epoch": ck_info.epoch, "block": i + 1, "ratio": r})
-        torch.manual_seed(seed)  # the base run's initialisation: same seed, same constructor arguments
-        initial = info.build()
-        for i, r in enumerate(branch_ratios(initial.eval(), x)):
-            ratio_rows.append({"seed": seed, "epoch": 0, "block": i + 1, "ratio": r})
-    bar.close()
+            # (a) zero branches are identities on real activations
+            for row in zero_branch_check(model, x):
+                zero_rows.append({"seed": seed, **row})
+
+            # (b) deepen: same outputs, same accuracy; then fine-tune both
+            deeper = deepen(model, s.depth, s.insert).eval()
+            with torch.no_grad():
+                out_diff = float((deeper(x) - model(x)).abs().max())
+            acc_before = evaluate(model, val_loader, pre, len(info.classes)).acc
+            acc_deeper = evaluate(deeper, val_loader, pre, len(info.classes)).acc
+            deeper_info = ModelInfo(
+                **{
+                    **asdict(info),
+                    "model": "resnet_cifar",
+                    "model_kwargs": {**info.model_kwargs, "depth": s.depth + 6 * s.insert},
+                }
+            )
+            deep_file = study.out / f"deepened-s{seed}.safetensors"
+            save_model_file(deep_file, deeper.state_dict(), deeper_info)
+            tuned = {}
+            for label, depth, init in (
+                ("original", s.depth, base_dir),
+                ("deepened", s.depth + 6 * s.insert, deep_file),
+            ):
+                hist = study.run(f"finetune-{label}-s{seed}", _finetune_config(s, seed, depth, init))
+                tuned[label] = hist[-1]["val_acc"]
+                bar.update(1)
+            results.append(
+                {
+                    "seed": seed,
+                    "base_val_acc": acc_before,
+                    "deepened_val_acc": acc_deeper,
+                    "max_output_difference": out_diff,
+                    "finetuned_original_val_acc": tuned["original"],
+                    "finetuned_deepened_val_acc": tuned["deepened"],
+                }
+            )
+
+            # (c) ||F(x)|| / ||x|| per block over the base run's epochs
+            ckpts = sorted(
+                p for p in (base_dir / "checkpoints").iterdir() if p.is_dir() and p.name.endswith("-s000000")
+            )
+            for ckpt in ckpts:
+                weights, ck_info = read_model_file(ckpt / "model.safetensors")
+                net = ck_info.build()
+                net.load_state_dict(weights)
+                net.eval()
+                for i, r in enumerate(branch_ratios(net, x)):
+                    ratio_rows.append({"seed": seed, "epoch": ck_info.epoch, "block": i + 1, "ratio": r})
+            torch.manual_seed(seed)  # the base run's initialisation: same seed, same constructor arguments
+            initial = info.build()
+            for i, r in enumerate(branch_ratios(initial.eval(), x)):
+                ratio_rows.append({"seed": seed, "epoch": 0, "block": i + 1, "ratio": r})
     return _summarise(study, s, data.name, len(data.train), results, zero_rows, ratio_rows)
 
 

@@ -23,6 +23,7 @@ from ..data.prepare import prepare_data
 from ..errors import UserError
 from ..training.config import TrainConfig, knob
 from ..training.evaluate import evaluate
+from ..training.progress import RunProgress
 from ..training.setup import Preprocess, make_loader
 from .study import Study, fmt_mean_std, markdown_table, mean_std, pyplot
 
@@ -108,52 +109,50 @@ def run_lesion(s: LesionSettings, out: str | None = None, progress: bool = True)
         f"then remove blocks one at a time and in random sets; {s.seeds} seed(s)",
         (train_seconds + eval_seconds) * s.seeds,
     )
-    from tqdm import tqdm
 
     device = torch.device("cpu")
     loader = make_loader(data.val, 256, train=False, device=device, input_shape=data.input_shape)
     single: list[dict[str, Any]] = []
     multi: list[dict[str, Any]] = []
     baseline: dict[tuple[str, int], float] = {}
-    bar = tqdm(total=s.seeds * 2 * (1 + n_blocks + 10), desc="lesion", disable=not progress, dynamic_ncols=True)
-    for seed in range(s.seeds):
-        for plain in (False, True):
-            kind = "plain" if plain else "resnet"
-            bar.set_postfix_str(f"training {kind}-{s.depth} seed {seed}")
-            study.run(f"{kind}{s.depth}-s{seed}", _config(s, plain, seed))
-            bar.update(1)
-            model, info = load_model(study.out / "runs" / f"{kind}{s.depth}-s{seed}")
-            pre = Preprocess(info.mean, info.std)
-
-            def acc(net: nn.Module) -> float:
-                return evaluate(net, loader, pre, len(info.classes)).acc  # noqa: B023
-
-            baseline[kind, seed] = acc(model)
-            blocks = model.residual_blocks()
-            bar.set_postfix_str(f"lesions {kind}-{s.depth} seed {seed}")
-            for i, block in enumerate(blocks):
-                row = {"net": kind, "seed": seed, "block": i + 1, "removable": removable(block)}
-                row["val_acc"] = acc(lesioned(model, {i})) if row["removable"] else None
-                single.append(row)
+    with RunProgress(s.seeds * 2 * (1 + n_blocks + 10), "lesion", unit="step", enabled=progress) as bar:
+        for seed in range(s.seeds):
+            for plain in (False, True):
+                kind = "plain" if plain else "resnet"
+                bar.set_postfix_str(f"training {kind}-{s.depth} seed {seed}")
+                study.run(f"{kind}{s.depth}-s{seed}", _config(s, plain, seed))
                 bar.update(1)
-            candidates = [i for i, b in enumerate(blocks) if removable(b)]
-            rng = random.Random(seed)
-            ks = sorted({1, 2, 3, 4, 6, 8, 10, 12, 16, 20} & set(range(1, len(candidates) + 1)))[:10]
-            for k in ks:
-                accs = [acc(lesioned(model, set(rng.sample(candidates, k)))) for _ in range(s.samples)]
-                multi.append(
-                    {
-                        "net": kind,
-                        "seed": seed,
-                        "k": k,
-                        "val_acc_mean": mean_std(accs)[0],
-                        "val_acc_std": mean_std(accs)[1],
-                        "samples": len(accs),
-                    }
-                )
-                bar.update(1)
-            bar.update(10 - len(ks))
-    bar.close()
+                model, info = load_model(study.out / "runs" / f"{kind}{s.depth}-s{seed}")
+                pre = Preprocess(info.mean, info.std)
+
+                def acc(net: nn.Module) -> float:
+                    return evaluate(net, loader, pre, len(info.classes)).acc  # noqa: B023
+
+                baseline[kind, seed] = acc(model)
+                blocks = model.residual_blocks()
+                bar.set_postfix_str(f"lesions {kind}-{s.depth} seed {seed}")
+                for i, block in enumerate(blocks):
+                    row = {"net": kind, "seed": seed, "block": i + 1, "removable": removable(block)}
+                    row["val_acc"] = acc(lesioned(model, {i})) if row["removable"] else None
+                    single.append(row)
+                    bar.update(1)
+                candidates = [i for i, b in enumerate(blocks) if removable(b)]
+                rng = random.Random(seed)
+                ks = sorted({1, 2, 3, 4, 6, 8, 10, 12, 16, 20} & set(range(1, len(candidates) + 1)))[:10]
+                for k in ks:
+                    accs = [acc(lesioned(model, set(rng.sample(candidates, k)))) for _ in range(s.samples)]
+                    multi.append(
+                        {
+                            "net": kind,
+                            "seed": seed,
+                            "k": k,
+                            "val_acc_mean": mean_std(accs)[0],
+                            "val_acc_std": mean_std(accs)[1],
+                            "samples": len(accs),
+                        }
+                    )
+                    bar.update(1)
+                bar.update(10 - len(ks))
     return _summarise(study, s, data.name, len(data.train), baseline, single, multi)
 
 

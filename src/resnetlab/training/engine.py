@@ -390,10 +390,15 @@ def _new_run_dir(config: TrainConfig) -> Path:
         data = Path(config.data).name if ("/" in config.data or "\\" in config.data) else config.data
         data = data.replace(":", "-") or "data"
         run_dir = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.model}-{data}"
-    # A folder holding only the lock of a run killed before it wrote anything counts as empty.
-    if run_dir.exists() and (not run_dir.is_dir() or any(p.name != ".lock" for p in run_dir.iterdir())):
+    if run_dir.exists() and (not run_dir.is_dir() or any(not _leftover(p) for p in run_dir.iterdir())):
         raise UserError(f"--out {run_dir}: already exists and is not empty; continue it with --resume {run_dir}")
     return run_dir
+
+
+def _leftover(path: Path) -> bool:
+    """The lock or a half-written temporary file of a run killed before its config was in place: a
+    folder holding only these counts as empty, so the same ``--out`` starts the run again."""
+    return path.name == ".lock" or (path.name.startswith(".") and path.name.endswith(".tmp"))
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:
@@ -474,6 +479,8 @@ def _run(trainer: Trainer, run_dir: Path, resuming: bool, progress: bool, verbos
                 run_dir.mkdir(parents=True, exist_ok=True)
                 if not resuming:
                     lock.acquire()
+                    for stale in run_dir.glob(".*.tmp"):
+                        stale.unlink(missing_ok=True)
                 atomic_write_text(run_dir / "config.toml", to_toml(config))
             except OSError as err:
                 raise UserError(f"--out {run_dir}: cannot write the run folder ({err.strerror or err})") from None

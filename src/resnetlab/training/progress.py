@@ -71,3 +71,70 @@ class EpochProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class RunProgress:
+    """Progress over a study's runs: a tqdm bar on a terminal, otherwise a plain line at most every
+    ``log_seconds`` (and at the end), like :class:`EpochProgress`.
+
+    Used as a context manager: when the study fails, the bar is removed rather than drawn again, so
+    the error message stays the last line a user sees.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        *,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        unit: str = "run",
+        log_seconds: float = 30.0,
+    ) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.total, self.desc, self.unit = total, desc, unit
+        self.done = 0
+        self.note = ""
+        self.t0 = self.last_log = time.monotonic()
+        self.log_seconds = log_seconds
+        self.bar = None
+        if enabled and self.stream.isatty():
+            self.bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True)
+
+    def set_postfix_str(self, note: str) -> None:
+        self.note = note
+        if self.bar is not None:
+            self.bar.set_postfix_str(note)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if now - self.last_log >= self.log_seconds or self.done >= self.total:
+            self.last_log = now
+            spent = now - self.t0
+            left = spent / self.done * (self.total - self.done) if self.done else 0.0
+            print(
+                f"{self.desc}: {self.done}/{self.total} {self.unit}s done in {format_duration(spent)}"
+                + (f", about {format_duration(left)} left" if self.done < self.total else ""),
+                file=self.stream,
+                flush=True,
+            )
+
+    def close(self, failed: bool = False) -> None:
+        if self.bar is not None:
+            if failed:
+                self.bar.leave = False
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> RunProgress:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(failed=exc_type is not None)
