@@ -60,11 +60,11 @@ def section_peak() -> dict:
     return {"fp32_gflops": fp32, "bf16_gflops": bf16}
 
 
-def section_train(quick: bool, peak: dict) -> list[dict]:
+def section_train(quick: bool, peak: dict, batches: list[int], batches_224: list[int]) -> list[dict]:
     rows, out = [], []
     cases = TRAIN_CASES[:2] if quick else TRAIN_CASES
     for model_name, size in cases:
-        for batch in (128,) if quick else (128, 256):
+        for batch in [128] if quick else (batches_224 if size > 64 else batches):
             steps = (2 if size > 64 else 12) if not quick else 2
             n = max(batch * 2, 512 if size > 64 else 4096)
             data = prepare_data(f"synthetic:3x{size}x{size}:10:{n}", val_fraction=0)
@@ -228,7 +228,7 @@ def section_infer(quick: bool) -> list[dict]:
 
 
 DEPTH_PROBE = r"""
-import json, resource, sys, time, torch, resnetlab
+import json, sys, time, torch, resnetlab
 depth, ckpt, batch = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
 torch.manual_seed(0)
 model = resnetlab.models.cifar_resnet(depth).to(memory_format=torch.channels_last)
@@ -240,13 +240,16 @@ y = torch.randint(0, 10, (batch,))
 def step():
     loss = torch.nn.functional.cross_entropy(model(x), y)
     opt.zero_grad(); loss.backward(); opt.step()
+def vm(key):  # /proc/self/status in kB; VmHWM is this process image's peak (ru_maxrss survives exec)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":")) / 1024
+built = vm("VmRSS")
 step()
 times = []
 for _ in range(3):
     t0 = time.perf_counter(); step(); times.append(time.perf_counter() - t0)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 params = sum(p.numel() for p in model.parameters())
-print(json.dumps({"step_seconds": sorted(times)[1], "peak_rss_mib": peak / 1024, "params": params}))
+print(json.dumps({"step_seconds": sorted(times)[1], "peak_rss_mib": vm("VmHWM"), "built_rss_mib": built,
+                  "params": params}))
 """
 
 
@@ -270,7 +273,7 @@ def section_depth(quick: bool) -> list[dict]:
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             r.update(depth=depth, checkpointing=ckpt, batch=batch)
             out.append(r)
-            row += [f"{r['step_seconds']:.2f}", f"{r['peak_rss_mib']:.0f}"]
+            row += [f"{r['step_seconds']:.2f}", f"{r['peak_rss_mib'] - r['built_rss_mib']:.0f}"]
         print(f"  depth {depth}: " + " ".join(row[1:]), flush=True)
         rows.append(row)
     base = {c: next(r for r in out if r["depth"] == depths[0] and r["checkpointing"] == c) for c in (False, True)}
@@ -280,7 +283,7 @@ def section_depth(quick: bool) -> list[dict]:
             row.append(f"{r['step_seconds'] / base[c]['step_seconds'] / (depth / depths[0]):.2f}")
     print(
         f"\nCost against depth (CIFAR ResNets, batch {batch}, one training step; peak resident memory of a fresh "
-        "process)"
+        "process above the built model, MiB)"
     )
     print(
         table(["depth", "s/step", "peak MiB", "s/step ckpt", "peak MiB ckpt", "time/depth vs d20", "same, ckpt"], rows)
@@ -293,6 +296,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default="peak,train,infer,depth")
     ap.add_argument("--quick", action="store_true", help="a few cases only (a smoke run)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 256], help="training batches at 32x32")
+    ap.add_argument(
+        "--batch-sizes-224",
+        type=int,
+        nargs="+",
+        default=[128, 256],
+        help="training batches at 224x224 (a resnet50 step at batch 256 takes about a minute on 2 cores)",
+    )
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -305,16 +316,21 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
-    peak = section_peak()
-    results["peak"] = peak
-    if "train" in sections:
-        results["train"] = section_train(args.quick, peak)
-    if "infer" in sections:
-        results["infer"] = section_infer(args.quick)
-    if "depth" in sections:
-        results["depth"] = section_depth(args.quick)
+    runs = {
+        "train": lambda: section_train(args.quick, results["peak"], args.batch_sizes, args.batch_sizes_224),
+        "infer": lambda: section_infer(args.quick),
+        "depth": lambda: section_depth(args.quick),
+    }
+    unknown = [s for s in sections if s not in ("peak", *runs)]
+    if unknown:
+        ap.error(f"--sections: unknown section {unknown[0]!r}; choose from peak, {', '.join(runs)}")
+    results["peak"] = section_peak()  # always: the other sections report against it
+    for name, run in runs.items():
+        if name in sections:
+            results[name] = run()
+            if args.json:  # after every section, so that a long suite stopped half-way keeps what it measured
+                args.json.write_text(json.dumps(results, indent=2))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
         print(f"\nwrote {args.json}")
 
 

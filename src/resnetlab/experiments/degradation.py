@@ -21,7 +21,7 @@ from ..data.prepare import prepare_data
 from ..models import cifar_resnet
 from ..training.config import TrainConfig, knob
 from ..training.progress import RunProgress
-from .study import Study, config_block, fmt_mean_std, markdown_table, mean_std, pyplot
+from .study import Study, config_block, final_errors, markdown_table, pyplot
 
 PAPER_EPOCHS = 164
 _NAMED = (20, 32, 44, 56, 110, 1202)  # depths with a registered name
@@ -29,6 +29,8 @@ _NAMED = (20, 32, 44, 56, 110, 1202)  # depths with a registered name
 
 @dataclass
 class DegradationSettings:
+    """Plain and residual CIFAR nets at growing depth, trained with one recipe (the paper's figure 6)."""
+
     data: str = knob("cifar10", "cifar10, cifar100, an image folder or archive (see resnetlab train --data)")
     depths: list[int] = knob([20, 32, 44, 56], "network depths (6n+2)")
     budget: float = knob(1.0, "fraction of the training images; epochs become ceil(164 x budget)")
@@ -122,17 +124,7 @@ def run_degradation(s: DegradationSettings, out: str | None = None, progress: bo
 
 
 def _summarise(study, s, histories, steps_per_epoch, data_name, n_train, n_val) -> dict[str, Any]:
-    rows, table = [], []
-    for depth in s.depths:
-        cells = [str(depth)]
-        for plain in (True, False):
-            kind = "plain" if plain else "resnet"
-            for key, split in (("train_acc", "train"), ("val_acc", "val")):
-                errors = [100 - histories[depth, plain, seed][-1][key] for seed in range(s.seeds)]
-                m, sd = mean_std(errors)
-                rows.append({"depth": depth, "net": kind, "split": split, "error_mean": m, "error_std": sd})
-                cells.append(fmt_mean_std(errors))
-        table.append(cells)
+    rows, table = final_errors(histories, s.depths, s.seeds, {True: "plain", False: "resnet"})
     curves = [
         {
             "depth": d,
@@ -148,7 +140,7 @@ def _summarise(study, s, histories, steps_per_epoch, data_name, n_train, n_val) 
         for (d, p, seed), hist in histories.items()
         for r in hist
     ]
-    study.write_csv("final_errors.csv", rows)
+    study.write_csv("final_errors.csv", [{k: v for k, v in r.items() if k != "errors"} for r in rows])
     study.write_csv("curves.csv", curves)
     headline = {f"{r['net']}{r['depth']}_{r['split']}_error": round(r["error_mean"], 2) for r in rows}
     study.write_json(

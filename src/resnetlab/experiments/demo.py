@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..models import create_model
 from ..training.config import TrainConfig, knob
 from ..training.progress import RunProgress
-from .study import Study, fmt_mean_std, markdown_table, mean_std, pyplot
+from .study import Study, final_errors, markdown_table, pyplot
 
 
 @dataclass
@@ -85,6 +85,8 @@ def run_demo(settings: DemoSettings, out: str | None = None, progress: bool = Tr
     bad = [d for d in settings.depths if d < 2 or d % 2]
     if bad:
         raise UserError(f"--depths {bad[0]}: hidden layers come two per block, so an even number >= 2")
+    if settings.norm not in ("batch", "layer", "none"):
+        raise UserError(f"--norm {settings.norm}: choose batch, layer or none")
     settings.depths = sorted(set(settings.depths))
     study = Study.open("demo", out, progress=False)
     runs = [(d, p, s) for s in range(settings.seeds) for d in settings.depths for p in (True, False)]
@@ -104,32 +106,9 @@ def run_demo(settings: DemoSettings, out: str | None = None, progress: bool = Tr
     return summarise(study, settings, histories)
 
 
-def _final(histories, depth: int, plain: bool, seeds: int, key: str) -> list[float]:
-    return [100 - histories[depth, plain, s][-1][key] for s in range(seeds)]
-
-
 def summarise(study: Study, settings: DemoSettings, histories: dict) -> dict[str, Any]:
     steps_per_epoch = len(prepare_data("digits").train) // settings.batch_size
-    rows, table = [], []
-    for depth in settings.depths:
-        cells = [str(depth)]
-        for plain in (True, False):
-            kind = "plain" if plain else "residual"
-            for key, label in (("train_acc", "train"), ("val_acc", "val")):
-                errors = _final(histories, depth, plain, settings.seeds, key)
-                m, s = mean_std(errors)
-                rows.append(
-                    {
-                        "depth": depth,
-                        "net": kind,
-                        "split": label,
-                        "error_mean": m,
-                        "error_std": s,
-                        "errors": errors,
-                    }
-                )
-                cells.append(fmt_mean_std(errors))
-        table.append(cells)
+    rows, table = final_errors(histories, settings.depths, settings.seeds, {True: "plain", False: "residual"})
     curves = [
         {
             "depth": d,

@@ -25,6 +25,8 @@ from .study import Study, fmt_mean_std, markdown_table, mean_std, pyplot
 
 @dataclass
 class FamilySettings:
+    """Residual designs trained with one recipe and one budget: accuracy against parameters, MACs and speed."""
+
     data: str = knob("cifar10", "data set name or path (see resnetlab train --data)")
     models: list[str] = knob(
         ["resnet20", "resnet56", "mobilenet_v2_cifar", "efficientnet_b0_cifar", "densenet_bc_100"],

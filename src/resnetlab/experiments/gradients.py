@@ -38,6 +38,9 @@ VARIANTS = [(norm, plain) for norm in ("batch", "none") for plain in (True, Fals
 
 @dataclass
 class GradientSettings:
+    """Per-layer gradient norms of plain and residual nets, with and without batch norm, and the correlation
+    of gradients between nearby inputs (shattered gradients)."""
+
     data: str = knob("cifar10", "data set name or path (see resnetlab train --data)")
     depth: int = knob(56, "depth of the networks whose per-layer gradients are drawn")
     depths: list[int] = knob([8, 20, 56, 110], "depths for the input-gradient similarity panel")

@@ -34,6 +34,9 @@ from .study import Study, fmt_mean_std, markdown_table, mean_std, pyplot
 
 @dataclass
 class IdentitySettings:
+    """Zero branches are identities; deepening a trained net with zero-initialised blocks; ||F(x)|| / ||x||
+    of every block over training."""
+
     data: str = knob("cifar10", "data set name or path (see resnetlab train --data)")
     depth: int = knob(20, "depth of the trained base network (CIFAR ResNet, 6n+2)")
     insert: int = knob(1, "zero-initialised blocks added at the end of each stage")

@@ -66,6 +66,8 @@ def lesioned(model: nn.Module, remove: set[int]) -> nn.Module:
 
 @dataclass
 class LesionSettings:
+    """Removing blocks from a trained ResNet and layers from its trained plain twin (Veit et al. 2016)."""
+
     data: str = knob("cifar10", "data set name or path (see resnetlab train --data)")
     depth: int = knob(56, "depth of the ResNet and its plain twin (6n+2)")
     budget: float = knob(0.1, "fraction of the training images used")

@@ -36,6 +36,40 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def final_errors(
+    histories: dict[tuple[int, bool, int], list[dict[str, Any]]],
+    depths: Sequence[int],
+    seeds: int,
+    names: dict[bool, str],
+) -> tuple[list[dict[str, Any]], list[list[str]]]:
+    """Final training and validation error (%) of plain and residual runs per depth, over seeds.
+
+    ``histories[depth, plain, seed]`` is a run's per-epoch history; ``names`` maps ``plain`` to the
+    label used in the outputs. Returns CSV rows and the markdown table's cells (one row per depth:
+    plain train, plain val, residual train, residual val).
+    """
+    rows, table = [], []
+    for depth in depths:
+        cells = [str(depth)]
+        for plain in (True, False):
+            for key, split in (("train_acc", "train"), ("val_acc", "val")):
+                errors = [100 - histories[depth, plain, seed][-1][key] for seed in range(seeds)]
+                m, sd = mean_std(errors)
+                rows.append(
+                    {
+                        "depth": depth,
+                        "net": names[plain],
+                        "split": split,
+                        "error_mean": m,
+                        "error_std": sd,
+                        "errors": errors,
+                    }
+                )
+                cells.append(fmt_mean_std(errors))
+        table.append(cells)
+    return rows, table
+
+
 def fmt_mean_std(values: Sequence[float], digits: int = 2) -> str:
     """``"12.34 ± 0.56"``; a single value without the spread."""
     m, s = mean_std(values)
