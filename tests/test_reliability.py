@@ -291,7 +291,7 @@ def test_a_run_killed_before_its_config_was_written_starts_again_with_the_same_o
     run = tmp_path / "run"
     run.mkdir()
     (run / ".lock").write_text("12345\n")  # what a process killed inside atomic_write_text leaves
-    (run / ".config.toml.x1y2.tmp").write_text("model = \"res")
+    (run / ".config.toml.x1y2.tmp").write_text('model = "res')
     done = cli("train", *MLP, "--epochs", "1", "--out", str(run))
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in run.glob(".*.tmp")) == []
