@@ -13,6 +13,7 @@ from resnetlab import TrainConfig, create_model, export_model, load_model, train
 from resnetlab.cli import main
 from resnetlab.data.digits import load_digits
 from resnetlab.errors import UserError
+from resnetlab.inference import prepare_inference
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +154,15 @@ def test_predict_cli_as_a_process(run, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "d.png" in proc.stdout and "%" in proc.stdout
+
+
+@pytest.mark.slow
+def test_compiled_inference_matches_eager_and_holds_the_weights_once():
+    torch.manual_seed(0)
+    model = create_model("resnet20").eval()
+    x = torch.randn(4, 3, 32, 32)
+    compiled = prepare_inference(model, "compile")
+    with torch.no_grad():
+        diff = (compiled(x.contiguous(memory_format=torch.channels_last)) - model(x)).abs().max()
+    assert float(diff) < 1e-4
+    assert len(compiled.state_dict()) == len(prepare_inference(model, "fold").state_dict())

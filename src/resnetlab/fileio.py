@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
-
-# The process's umask, read once (reading it means setting it) at import, before any threads write.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 def fsync_dir(path: Path) -> None:
@@ -28,6 +24,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new, uniquely named ``.<name>.<random>.tmp`` beside ``path``, created with mode 0o666 so that the
+    umask applies as for any file written with ``open`` (``tempfile.mkstemp`` would make it 0o600)."""
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     """Write to a temporary file beside ``path``; on success flush, fsync and rename it into place.
@@ -35,9 +42,8 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     On any error the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temporary(path)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result should be like any file written
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()

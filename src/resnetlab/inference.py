@@ -56,8 +56,7 @@ class _FreezingCompiled(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model
-        self.compiled = torch.compile(model)
+        self.compiled = torch.compile(model)  # holds ``model`` as ``_orig_mod``
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch._inductor.config as inductor_config

@@ -21,7 +21,7 @@ from ..data.prepare import prepare_data
 from ..models import cifar_resnet
 from ..training.config import TrainConfig, knob
 from ..training.progress import RunProgress
-from .study import Study, config_block, final_errors, markdown_table, pyplot
+from .study import Study, config_block, markdown_table, pyplot
 
 PAPER_EPOCHS = 164
 _NAMED = (20, 32, 44, 56, 110, 1202)  # depths with a registered name
@@ -124,7 +124,7 @@ def run_degradation(s: DegradationSettings, out: str | None = None, progress: bo
 
 
 def _summarise(study, s, histories, steps_per_epoch, data_name, n_train, n_val) -> dict[str, Any]:
-    rows, table = final_errors(histories, s.depths, s.seeds, {True: "plain", False: "resnet"})
+    rows, table = study.write_final_errors(histories, s.depths, s.seeds, {True: "plain", False: "resnet"})
     curves = [
         {
             "depth": d,
@@ -140,7 +140,6 @@ def _summarise(study, s, histories, steps_per_epoch, data_name, n_train, n_val) 
         for (d, p, seed), hist in histories.items()
         for r in hist
     ]
-    study.write_csv("final_errors.csv", [{k: v for k, v in r.items() if k != "errors"} for r in rows])
     study.write_csv("curves.csv", curves)
     headline = {f"{r['net']}{r['depth']}_{r['split']}_error": round(r["error_mean"], 2) for r in rows}
     study.write_json(

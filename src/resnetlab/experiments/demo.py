@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..models import create_model
 from ..training.config import TrainConfig, knob
 from ..training.progress import RunProgress
-from .study import Study, final_errors, markdown_table, pyplot
+from .study import Study, markdown_table, pyplot
 
 
 @dataclass
@@ -108,7 +108,9 @@ def run_demo(settings: DemoSettings, out: str | None = None, progress: bool = Tr
 
 def summarise(study: Study, settings: DemoSettings, histories: dict) -> dict[str, Any]:
     steps_per_epoch = len(prepare_data("digits").train) // settings.batch_size
-    rows, table = final_errors(histories, settings.depths, settings.seeds, {True: "plain", False: "residual"})
+    rows, table = study.write_final_errors(
+        histories, settings.depths, settings.seeds, {True: "plain", False: "residual"}
+    )
     curves = [
         {
             "depth": d,
@@ -122,7 +124,6 @@ def summarise(study: Study, settings: DemoSettings, histories: dict) -> dict[str
         for (d, p, s), hist in histories.items()
         for r in hist
     ]
-    study.write_csv("final_errors.csv", [{k: v for k, v in r.items() if k != "errors"} for r in rows])
     study.write_csv("curves.csv", curves)
     headline = {f"{r['net']}_{r['split']}_error_d{r['depth']}": round(r["error_mean"], 2) for r in rows}
     study.write_json("results.json", {"settings": asdict(settings), "final": rows, "headline": headline})

@@ -46,7 +46,8 @@ def final_errors(
 
     ``histories[depth, plain, seed]`` is a run's per-epoch history; ``names`` maps ``plain`` to the
     label used in the outputs. Returns CSV rows and the markdown table's cells (one row per depth:
-    plain train, plain val, residual train, residual val).
+    plain train, plain val, residual train, residual val). The rows keep each seed's error under
+    ``errors`` for the JSON; :meth:`Study.write_final_errors` also writes them as a CSV.
     """
     rows, table = [], []
     for depth in depths:
@@ -138,6 +139,14 @@ class Study:
         path = self.out / name
         atomic_write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
         return path
+
+    def write_final_errors(
+        self, histories: dict, depths: Sequence[int], seeds: int, names: dict[bool, str]
+    ) -> tuple[list[dict[str, Any]], list[list[str]]]:
+        """:func:`final_errors`, with its rows (less the per-seed lists) written to ``final_errors.csv``."""
+        rows, table = final_errors(histories, depths, seeds, names)
+        self.write_csv("final_errors.csv", [{k: v for k, v in r.items() if k != "errors"} for r in rows])
+        return rows, table
 
     def write_csv(self, name: str, rows: list[dict[str, Any]]) -> Path:
         path = self.out / name

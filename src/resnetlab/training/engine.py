@@ -401,6 +401,14 @@ def _leftover(path: Path) -> bool:
     return path.name == ".lock" or (path.name.startswith(".") and path.name.endswith(".tmp"))
 
 
+def _take(lock: FolderLock, run_dir: Path) -> None:
+    """Lock the run folder, then remove what a killed process left half-written in it."""
+    lock.acquire()
+    for path in run_dir.iterdir():
+        if path.name != ".lock" and _leftover(path):
+            path.unlink(missing_ok=True)
+
+
 def load_run_config(run_dir: Path) -> TrainConfig:
     path = run_dir / "config.toml"
     try:
@@ -456,9 +464,7 @@ def _run(trainer: Trainer, run_dir: Path, resuming: bool, progress: bool, verbos
     ckpt = None
     if resuming:
         if lock is not None:
-            lock.acquire()
-            for stale in run_dir.glob(".*.tmp"):  # half-written files of a killed process
-                stale.unlink(missing_ok=True)
+            _take(lock, run_dir)
         for candidate in intact_checkpoints(run_dir):
             try:
                 trainer.restore(candidate)
@@ -478,9 +484,7 @@ def _run(trainer: Trainer, run_dir: Path, resuming: bool, progress: bool, verbos
             try:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 if not resuming:
-                    lock.acquire()
-                    for stale in run_dir.glob(".*.tmp"):
-                        stale.unlink(missing_ok=True)
+                    _take(lock, run_dir)
                 atomic_write_text(run_dir / "config.toml", to_toml(config))
             except OSError as err:
                 raise UserError(f"--out {run_dir}: cannot write the run folder ({err.strerror or err})") from None
