@@ -11,7 +11,6 @@ error (solid) are plotted against iterations.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,7 +20,7 @@ from ..data.prepare import prepare_data
 from ..models import cifar_resnet
 from ..training.config import TrainConfig, knob
 from ..training.progress import RunProgress
-from .study import Study, config_block, markdown_table, pyplot
+from .study import Study, config_block, markdown_table, pyplot, seconds_per_step
 
 PAPER_EPOCHS = 164
 _NAMED = (20, 32, 44, 56, 110, 1202)  # depths with a registered name
@@ -71,23 +70,13 @@ def degradation_config(s: DegradationSettings, depth: int, plain: bool, seed: in
 
 
 def estimate_seconds(s: DegradationSettings, train_images: int) -> float:
-    """Three timed training steps of each network at the study's batch size, scaled up."""
-    x = torch.randn(s.batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (s.batch_size,))
+    """Timed training steps of each network at the study's batch size, scaled up."""
     steps = (train_images // s.batch_size) * s.epochs
-    total = 0.0
-    for depth in s.depths:
-        for plain in (True, False):
-            model = cifar_resnet(depth, plain=plain).to(memory_format=torch.channels_last)
-            opt = torch.optim.SGD(model.parameters(), lr=0.01)
-            for i in range(4):
-                if i == 1:
-                    t0 = time.perf_counter()
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            total += (time.perf_counter() - t0) / 3 * steps
+    total = sum(
+        seconds_per_step(cifar_resnet(depth, plain=plain), (3, 32, 32), s.batch_size) * steps
+        for depth in s.depths
+        for plain in (True, False)
+    )
     return total * s.seeds * 1.1  # evaluation each epoch
 
 

@@ -8,6 +8,7 @@ this machine, as a table and an accuracy-versus-cost figure, with mean and sprea
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from ..models import create_model, is_model
 from ..summary import format_count, summarize
 from ..training.config import TrainConfig, knob
 from ..training.progress import RunProgress
-from .study import Study, fmt_mean_std, markdown_table, mean_std, pyplot
+from .study import Study, fmt_mean_std, markdown_table, mean_std, pyplot, seconds_per_step
 
 
 @dataclass
@@ -32,8 +33,8 @@ class FamilySettings:
         ["resnet20", "resnet56", "mobilenet_v2_cifar", "efficientnet_b0_cifar", "densenet_bc_100"],
         "registered models to compare (any name from resnetlab list)",
     )
-    budget: float = knob(0.2, "fraction of the training images used")
-    epochs: int = knob(6, "training epochs of every run")
+    budget: float = knob(0.1, "fraction of the training images used")
+    epochs: int = knob(5, "training epochs of every run")
     seeds: int = knob(2, "seeds per model (mean and spread)")
     batch_size: int = knob(128, "images per step")
     lr: float = knob(0.1, "peak learning rate (SGD, cosine with one warm-up epoch)")
@@ -58,20 +59,27 @@ def _config(s: FamilySettings, model: str, seed: int) -> TrainConfig:
         threads=s.threads,
         seed=seed,
         keep_checkpoints=1,
+        # Only the final accuracy is reported: validating after every epoch would cost the slow
+        # models (DenseNet evaluates ~130 images/s here) a third of the study's time for nothing.
+        eval_every=s.epochs,
     )
 
 
 @torch.no_grad()
-def inference_speed(model: torch.nn.Module, shape: tuple[int, int, int], batch: int = 256, repeats: int = 5) -> float:
-    """Images per second of the model in eval mode on random inputs (after two warm-up batches)."""
+def inference_speed(model: torch.nn.Module, shape: tuple[int, int, int], batch: int = 256, repeats: int = 3) -> float:
+    """Images per second of the model in eval mode on random inputs (after one warm-up batch)."""
     model = model.eval().to(memory_format=torch.channels_last)
     x = torch.randn(batch, *shape).contiguous(memory_format=torch.channels_last)
-    for _ in range(2):
-        model(x)
+    model(x)
     t0 = time.perf_counter()
     for _ in range(repeats):
         model(x)
     return batch * repeats / (time.perf_counter() - t0)
+
+
+# Seconds each run spends outside its training steps and validation: start, data loader, checkpoints,
+# metrics and the curves figure (1-3 s a run in a CIFAR-10 study with 2,250 training images).
+_RUN_OVERHEAD_S = 3.0
 
 
 def run_families(s: FamilySettings, out: str | None = None, progress: bool = True) -> dict[str, Any]:
@@ -84,16 +92,21 @@ def run_families(s: FamilySettings, out: str | None = None, progress: bool = Tru
     if s.threads:
         torch.set_num_threads(s.threads)
     data = prepare_data(s.data, train_fraction=s.budget)
-    c, h, w = data.input_shape
-    costs = {}
+    n_train, n_val = len(data.train), len(data.val) if data.val else 0
+
+    # Costs first, and the speeds measured on this machine: they are results and they give the estimate.
+    study.say(f"families: measuring parameters, MACs and speed of {len(s.models)} models on this machine")
+    costs, estimate = {}, 0.0
+    steps = math.ceil(n_train / s.batch_size) * s.epochs
     for name in s.models:
-        model = create_model(name, num_classes=len(data.classes), in_chans=c, input_size=(h, w))
+        model = _build(name, data)
         summary = summarize(model, data.input_shape)
-        costs[name] = {"params": summary.params, "macs": summary.macs}
-    images = len(data.train) * s.epochs * s.seeds
-    estimate = sum(3 * costs[m]["macs"] * images / 60e9 for m in s.models)  # ~60 G multiply-adds/s when training
+        step_s = seconds_per_step(model, data.input_shape, min(s.batch_size, n_train), s.amp)
+        infer = inference_speed(_build(name, data), data.input_shape)
+        costs[name] = {"params": summary.params, "macs": summary.macs, "infer_img_per_s": infer}
+        estimate += s.seeds * (step_s * steps + n_val / infer + _RUN_OVERHEAD_S)
     study.announce(
-        f"{len(s.models)} models x {s.seeds} seeds on {len(data.train)} images of {data.name} for {s.epochs} epochs",
+        f"{len(s.models)} models x {s.seeds} seeds on {n_train} images of {data.name} for {s.epochs} epochs",
         estimate,
     )
 
@@ -107,14 +120,13 @@ def run_families(s: FamilySettings, out: str | None = None, progress: bool = Tru
                 accs.append(history[-1]["val_acc"])
                 train_speed.append(sum(r["img_per_s"] for r in history) / len(history))
                 bar.update(1)
-            model = create_model(name, num_classes=len(data.classes), in_chans=c, input_size=(h, w))
-            results[name] = {
-                **costs[name],
-                "val_acc": accs,
-                "train_img_per_s": train_speed,
-                "infer_img_per_s": inference_speed(model, data.input_shape),
-            }
-    return _summarise(study, s, data.name, len(data.train), results)
+            results[name] = {**costs[name], "val_acc": accs, "train_img_per_s": train_speed}
+    return _summarise(study, s, data.name, n_train, results)
+
+
+def _build(name: str, data: Any) -> torch.nn.Module:
+    c, h, w = data.input_shape
+    return create_model(name, num_classes=len(data.classes), in_chans=c, input_size=(h, w))
 
 
 def _summarise(study: Study, s: FamilySettings, data_name: str, n_train: int, results: dict) -> dict[str, Any]:
@@ -161,7 +173,8 @@ def _summarise(study: Study, s: FamilySettings, data_name: str, n_train: int, re
         f"out validation), {s.epochs} epochs, SGD lr {s.lr} cosine with one warm-up epoch, weight decay 5e-4, "
         f"label smoothing 0.1, batch {s.batch_size}, crop and flip, precision {s.amp}; {s.seeds} seeds. Speeds are "
         "measured on this machine: training as the mean images/s of the runs' epochs, inference in eval mode at "
-        "batch 256 (channels_last, float32). MACs per image at the data's size.",
+        "batch 256 (channels_last, float32). MACs per image at the data's size. Validation accuracy after the "
+        "last epoch.",
         "",
         markdown_table(header, table),
         "",

@@ -450,12 +450,16 @@ def train(
         torch.cuda.set_device(device)
     try:
         trainer = Trainer(config, device, dist)
-        return _run(trainer, run_dir, resume is not None, progress, verbose, t_start)
+        # From here on a first SIGINT/SIGTERM ends the run cleanly: with a checkpoint after the next step.
+        with stop_requests() as stop:
+            return _run(trainer, run_dir, resume is not None, progress, verbose, t_start, stop)
     finally:
         shutdown(dist)
 
 
-def _run(trainer: Trainer, run_dir: Path, resuming: bool, progress: bool, verbose: bool, t_start: float) -> TrainResult:
+def _run(
+    trainer: Trainer, run_dir: Path, resuming: bool, progress: bool, verbose: bool, t_start: float, stop: list[str]
+) -> TrainResult:
     config, dist, data = trainer.config, trainer.dist, trainer.data
     say = (lambda *a: print(*a, flush=True)) if dist.is_main and verbose else (lambda *a: None)
     if data.skipped:
@@ -498,83 +502,84 @@ def _run(trainer: Trainer, run_dir: Path, resuming: bool, progress: bool, verbos
         )
     barrier(dist)
     try:
-        return _loop(trainer, run_dir, ckpt, progress, say, t_start)
+        return _loop(trainer, run_dir, ckpt, progress, say, t_start, stop)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _loop(trainer: Trainer, run_dir: Path, ckpt: Path | None, progress: bool, say, t_start: float) -> TrainResult:
+def _loop(
+    trainer: Trainer, run_dir: Path, ckpt: Path | None, progress: bool, say, t_start: float, stop: list[str]
+) -> TrainResult:
     config, dist, data = trainer.config, trainer.dist, trainer.data
     pos = trainer.position
     last_ckpt = ckpt
     session_start, elapsed_before = time.monotonic(), pos.elapsed
     steps = len(trainer.train_loader)
     sync_every = 1 if trainer.device.type == "cpu" else 25  # a host sync is free on CPU, costly on a GPU
-    with stop_requests() as stop:
-        while pos.epoch < config.epochs:
-            epoch = pos.epoch
-            trainer.train_size = trainer.image_size_at(epoch)
-            bar = EpochProgress(epoch + 1, config.epochs, steps, pos.step, enabled=progress and dist.is_main)
-            trainer.model.train()
-            pending: list[torch.Tensor] = []
-            t0 = time.perf_counter()
-            for x, y in trainer.train_loader.batches(epoch, pos.step):
-                try:
-                    pending.append(trainer.step(x, y))
-                except NonFiniteStep as bad:
-                    bar.close()
-                    kept = f"the last good checkpoint is kept ({last_ckpt.name})" if last_ckpt else "no checkpoint yet"
-                    raise NonFiniteLoss(
-                        f"non-finite loss or gradients at epoch {epoch + 1}, step {pos.step + 1} ({bad}); the step "
-                        f"was not applied and the run stopped, {kept}. Lower --lr or set --grad-clip, then start "
-                        "a new run"
-                    ) from None
-                pos.step += 1
-                if len(pending) < sync_every and pos.step < steps and not stop:
-                    continue
-                sums = torch.stack(pending).cpu()
-                pos.loss_sum += float(sums[:, 0].sum())
-                pos.correct += int(sums[:, 1].sum())
-                pos.seen += int(sums[:, 2].sum())
-                pending.clear()
-                now = time.perf_counter()
-                pos.train_seconds, t0 = pos.train_seconds + now - t0, now
-                rate = pos.seen * dist.world_size / pos.train_seconds
-                bar.update(pos.loss_sum / pos.seen, pos.correct / pos.seen, rate)
-                if stop:
-                    bar.close()
-                    pos.elapsed = elapsed_before + time.monotonic() - session_start
-                    saved = trainer.save(run_dir)
-                    raise Interrupted(
-                        f"stopped by {stop[0]} at epoch {epoch + 1}, step {pos.step}; checkpoint "
-                        f"{saved}. Resume with: resnetlab train --resume {run_dir}"
-                    )
-            bar.close()
+    while pos.epoch < config.epochs:
+        epoch = pos.epoch
+        trainer.train_size = trainer.image_size_at(epoch)
+        bar = EpochProgress(epoch + 1, config.epochs, steps, pos.step, enabled=progress and dist.is_main)
+        trainer.model.train()
+        pending: list[torch.Tensor] = []
+        t0 = time.perf_counter()
+        for x, y in trainer.train_loader.batches(epoch, pos.step):
+            try:
+                pending.append(trainer.step(x, y))
+            except NonFiniteStep as bad:
+                bar.close()
+                kept = f"the last good checkpoint is kept ({last_ckpt.name})" if last_ckpt else "no checkpoint yet"
+                raise NonFiniteLoss(
+                    f"non-finite loss or gradients at epoch {epoch + 1}, step {pos.step + 1} ({bad}); the step "
+                    f"was not applied and the run stopped, {kept}. Lower --lr or set --grad-clip, then start "
+                    "a new run"
+                ) from None
+            pos.step += 1
+            if len(pending) < sync_every and pos.step < steps and not stop:
+                continue
+            sums = torch.stack(pending).cpu()
+            pos.loss_sum += float(sums[:, 0].sum())
+            pos.correct += int(sums[:, 1].sum())
+            pos.seen += int(sums[:, 2].sum())
+            pending.clear()
+            now = time.perf_counter()
+            pos.train_seconds, t0 = pos.train_seconds + now - t0, now
+            rate = pos.seen * dist.world_size / pos.train_seconds
+            bar.update(pos.loss_sum / pos.seen, pos.correct / pos.seen, rate)
+            if stop:
+                bar.close()
+                pos.elapsed = elapsed_before + time.monotonic() - session_start
+                saved = trainer.save(run_dir)
+                raise Interrupted(
+                    f"stopped by {stop[0]} at epoch {epoch + 1}, step {pos.step}; checkpoint "
+                    f"{saved}. Resume with: resnetlab train --resume {run_dir}"
+                )
+        bar.close()
 
-            totals = torch.tensor([pos.loss_sum, pos.correct, pos.seen], dtype=torch.float64)
-            totals = all_reduce_sum(totals, dist)
-            due = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
-            val = trainer.evaluate() if due else None
-            pos.elapsed = elapsed_before + time.monotonic() - session_start
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": round(float(totals[0] / totals[2]), 6),
-                "train_acc": round(float(100 * totals[1] / totals[2]), 4),
-                "val_loss": round(val.loss, 6) if val else None,
-                "val_acc": round(val.acc, 4) if val else None,
-                "lr": trainer.optimizer.param_groups[0]["lr"],
-                "img_per_s": round(float(totals[2]) / max(pos.train_seconds, 1e-9), 1),
-                "image_size": trainer.train_size or data.input_shape[-1],
-                "epoch_seconds": round(pos.train_seconds, 3),
-                "elapsed_seconds": round(pos.elapsed, 3),
-            }
-            pos.history.append(record)
-            pos.epoch, pos.step = epoch + 1, 0
-            pos.loss_sum, pos.correct, pos.seen, pos.train_seconds = 0.0, 0, 0, 0.0
-            last_ckpt = trainer.save(run_dir) or last_ckpt
-            left = (config.epochs - pos.epoch) * (pos.elapsed / len(pos.history))
-            say(_epoch_line(record, config.epochs) + (f"  ({format_duration(left)} left)" if left else ""))
+        totals = torch.tensor([pos.loss_sum, pos.correct, pos.seen], dtype=torch.float64)
+        totals = all_reduce_sum(totals, dist)
+        due = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+        val = trainer.evaluate() if due else None
+        pos.elapsed = elapsed_before + time.monotonic() - session_start
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": round(float(totals[0] / totals[2]), 6),
+            "train_acc": round(float(100 * totals[1] / totals[2]), 4),
+            "val_loss": round(val.loss, 6) if val else None,
+            "val_acc": round(val.acc, 4) if val else None,
+            "lr": trainer.optimizer.param_groups[0]["lr"],
+            "img_per_s": round(float(totals[2]) / max(pos.train_seconds, 1e-9), 1),
+            "image_size": trainer.train_size or data.input_shape[-1],
+            "epoch_seconds": round(pos.train_seconds, 3),
+            "elapsed_seconds": round(pos.elapsed, 3),
+        }
+        pos.history.append(record)
+        pos.epoch, pos.step = epoch + 1, 0
+        pos.loss_sum, pos.correct, pos.seen, pos.train_seconds = 0.0, 0, 0, 0.0
+        last_ckpt = trainer.save(run_dir) or last_ckpt
+        left = (config.epochs - pos.epoch) * (pos.elapsed / len(pos.history))
+        say(_epoch_line(record, config.epochs) + (f"  ({format_duration(left)} left)" if left else ""))
 
     result = TrainResult(
         run_dir=run_dir,
