@@ -186,23 +186,26 @@ class Study:
 def seconds_per_step(
     model: torch.nn.Module, input_shape: tuple[int, int, int], batch_size: int, amp: str = "none", steps: int = 3
 ) -> float:
-    """Mean wall time of ``steps`` SGD training steps (forward, loss, backward, update) on random
-    inputs in channels_last, after one warm-up step: what the studies scale up to state their run time
-    before they start. Measured, not derived from MACs: on a CPU depthwise convolutions and
-    concatenations run far below the multiply-add rate of dense convolutions."""
+    """Median wall time of ``steps`` SGD training steps (forward, loss, backward, update) on random
+    inputs in channels_last, after two warm-up steps: what the studies scale up to state their run
+    time before they start. Measured, not derived from MACs: on a CPU depthwise convolutions and
+    concatenations run far below the multiply-add rate of dense convolutions. Two warm-up steps,
+    because the second step of a fresh MobileNetV2 or DenseNet still ran ~1.5x slower than later ones."""
     model = model.train().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = torch.randn(batch_size, *input_shape).contiguous(memory_format=torch.channels_last)
-    for i in range(steps + 1):
-        if i == 1:
-            t0 = time.perf_counter()
+    y = torch.zeros(batch_size, dtype=torch.long)
+    times = []
+    for _ in range(steps + 2):
+        t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
             logits = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.float(), torch.zeros(batch_size, dtype=torch.long))
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return (time.perf_counter() - t0) / steps
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:])
 
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
