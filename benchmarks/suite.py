@@ -14,7 +14,9 @@
   without gradient checkpointing, each in a fresh process.
 
 Warm-up and compilation are timed apart and never inside a throughput figure. Every row processes
-the same images with the same model as its baseline.
+the same images with the same model as its baseline. The paths compared in a row take turns (rounds
+of steps for training, single calls for inference), so that a drift of the machine's speed hits all
+of them alike.
 """
 
 from __future__ import annotations
@@ -79,8 +81,7 @@ def section_train(quick: bool, peak: dict, batches: list[int], batches_224: list
                 drop_last=True,
             )
             result = {"model": model_name, "size": size, "batch": batch, "macs": macs}
-            warm = {"baseline": baseline_steps(model, loader, opt, 1)}
-            rate = {"baseline": steps * batch / baseline_steps(model, loader, opt, steps)}
+            trainers = {}
             for label, amp in (("resnetlab_fp32", "none"), ("resnetlab_bf16", "bf16")):
                 config = TrainConfig(
                     model=model_name,
@@ -93,9 +94,18 @@ def section_train(quick: bool, peak: dict, batches: list[int], batches_224: list
                     amp=amp,
                     device="cpu",
                 )
-                trainer = Trainer(config, torch.device("cpu"), SINGLE_PROCESS, data=data)
-                warm[label] = resnetlab_steps(trainer, 1, 0)
-                rate[label] = steps * batch / resnetlab_steps(trainer, steps, 1)
+                trainers[label] = Trainer(config, torch.device("cpu"), SINGLE_PROCESS, data=data)
+            warm = {"baseline": baseline_steps(model, loader, opt, 1)}
+            warm |= {k: resnetlab_steps(t, 1, 0) for k, t in trainers.items()}
+            # Rounds alternate between the paths so that a drift of the machine (10-20% here over
+            # minutes) hits all of them alike; the figure is the median round.
+            rounds: dict[str, list[float]] = {k: [] for k in warm}
+            for r in range(1 if size > 64 else 3):
+                rounds["baseline"].append(steps * batch / baseline_steps(model, loader, opt, steps))
+                for k, t in trainers.items():
+                    rounds[k].append(steps * batch / resnetlab_steps(t, steps, r + 1))
+            rate = {k: statistics.median(v) for k, v in rounds.items()}
+            result["rounds_img_per_s"] = rounds
             result.update({f"{k}_img_per_s": v for k, v in rate.items()})
             result["warmup_seconds"] = warm
             for k in ("resnetlab_fp32", "resnetlab_bf16"):
@@ -165,7 +175,7 @@ def section_infer(quick: bool) -> list[dict]:
         torch.manual_seed(0)
         model = create_model(model_name).eval()
         x = torch.randn(batch, 3, size, size)
-        repeats = 20 if batch == 1 else 5
+        repeats = 60 if batch == 1 else 7
         paths = {}
         t0 = time.perf_counter()
         paths["eager"] = model
@@ -185,12 +195,18 @@ def section_infer(quick: bool) -> list[dict]:
             session = ort.InferenceSession(str(Path(tmp) / "m.onnx"), options, providers=["CPUExecutionProvider"])
             setup["onnxruntime"] = time.perf_counter() - t0
         xn = x.numpy()
-        timings = {
-            "eager": _time_calls(paths["eager"], x, repeats),
-            "fold": _time_calls(paths["fold"], x.contiguous(memory_format=torch.channels_last), repeats),
-            "compile": _time_calls(paths["compile"], x.contiguous(memory_format=torch.channels_last), repeats),
-            "onnxruntime": _time_calls(lambda a, s=session: s.run(None, {"input": a}), xn, repeats),
+        calls = {
+            "eager": (paths["eager"], x),
+            "fold": (paths["fold"], x.contiguous(memory_format=torch.channels_last)),
+            "compile": (paths["compile"], x.contiguous(memory_format=torch.channels_last)),
+            "onnxruntime": (lambda a, s=session: s.run(None, {"input": a}), xn),
         }
+        for fn, arg in calls.values():  # untimed: oneDNN and onnxruntime set up their kernels on a first call
+            fn(arg)
+        timings: dict[str, list[float]] = {k: [] for k in calls}
+        for _ in range(repeats):  # one call of each path in turn: a drift of the machine hits all alike
+            for k, (fn, arg) in calls.items():
+                timings[k] += _time_calls(fn, arg, 1)
         ref = model(x)
         diffs = {
             "fold": float((paths["fold"](x.contiguous(memory_format=torch.channels_last)) - ref).abs().max()),
@@ -217,7 +233,7 @@ def section_infer(quick: bool) -> list[dict]:
             f"  {model_name} batch {batch}: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in median.items()),
             flush=True,
         )
-    print("\nInference (float32; median of repeated calls; set-up time excluded, see JSON)")
+    print("\nInference (float32; median of calls taken in turn with the other paths; set-up time excluded, see JSON)")
     print(
         table(
             ["model", "px", "batch", "measure", "eager NCHW", "folded BN, NHWC", "folded + compiled", "onnxruntime"],
