@@ -1,0 +1,62 @@
+"""The speed scripts run end to end on a small case and write figures that agree with each other.
+
+Speed itself is measured by running them (see README, Speed), never asserted here."""
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def bench(script: str, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(BENCH / script), *argv], capture_output=True, text=True, timeout=900, cwd=BENCH
+    )
+
+
+@pytest.mark.slow
+def test_suite_quick_train_and_infer(tmp_path):
+    out = tmp_path / "suite.json"
+    done = bench("suite.py", "--quick", "--sections", "train,infer", "--json", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["peak"]["fp32_gflops"] > 0 and results["peak"]["bf16_gflops"] > 0
+    assert [(r["model"], r["batch"]) for r in results["train"]] == [("resnet20", 128), ("resnet56", 128)]
+    for row in results["train"]:
+        rounds = row["rounds_img_per_s"]
+        assert set(rounds) == {"baseline", "resnetlab_fp32", "resnetlab_bf16"}
+        assert all(len(v) == 3 and min(v) > 0 for v in rounds.values())
+        for path in ("resnetlab_fp32", "resnetlab_bf16"):
+            assert row[f"{path}_ratio"] == pytest.approx(row[f"{path}_img_per_s"] / row["baseline_img_per_s"])
+    (infer,) = results["infer"]
+    assert (infer["model"], infer["batch"]) == ("resnet20", 256)
+    # every fast path computes what eager computes (float32; folding and ONNX only reorder rounding)
+    assert max(infer["max_abs_diff"].values()) < 1e-3
+    assert set(infer["median_seconds"]) == {"eager", "fold", "compile", "onnxruntime"}
+    assert "Inference (float32" in done.stdout and "resnet20" in done.stdout
+
+
+def test_suite_rejects_an_unknown_section():
+    done = bench("suite.py", "--sections", "train,speed")
+    assert done.returncode == 2
+    assert "--sections: unknown section 'speed'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_train_throughput_writes_matching_json(tmp_path):
+    out = tmp_path / "tp.json"
+    done = bench(
+        "train_throughput.py", "--steps", "2", "--rounds", "2", "--warmup", "1", "--amp", "bf16", "--json", str(out)
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["resnetlab_flags"] == "bf16" and len(figures["baseline_img_per_s"]) == 2
+    median = {k: statistics.median(figures[f"{k}_img_per_s"]) for k in ("baseline", "resnetlab")}
+    assert figures["ratio"] == pytest.approx(median["resnetlab"] / median["baseline"])
+    assert f"ratio resnetlab / baseline: {figures['ratio']:.2f}x" in done.stdout
