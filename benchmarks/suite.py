@@ -15,8 +15,8 @@
 
 Warm-up and compilation are timed apart and never inside a throughput figure. Every row processes
 the same images with the same model as its baseline. The paths compared in a row take turns (rounds
-of steps for training, single calls for inference), so that a drift of the machine's speed hits all
-of them alike.
+of steps for training, rounds of consecutive calls for inference), so that a drift of the machine's
+speed hits all of them alike.
 """
 
 from __future__ import annotations
@@ -177,7 +177,6 @@ def section_infer(quick: bool) -> list[dict]:
         x = torch.randn(batch, 3, size, size)
         rounds, calls_per_round = (6, 10) if batch == 1 else (3, 3)
         paths = {}
-        t0 = time.perf_counter()
         paths["eager"] = model
         setup = {"eager": 0.0}
         for mode in ("fold", "compile"):

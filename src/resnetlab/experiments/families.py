@@ -97,16 +97,17 @@ def run_families(s: FamilySettings, out: str | None = None, progress: bool = Tru
         torch.set_num_threads(s.threads)
     data = prepare_data(s.data, train_fraction=s.budget)
     n_train, n_val = len(data.train), len(data.val) if data.val else 0
+    c, h, w = data.input_shape
 
     # Costs first, and the speeds measured on this machine: they are results and they give the estimate.
     study.say(f"families: measuring parameters, MACs and speed of {len(s.models)} models on this machine")
     costs, estimate = {}, 0.0
     steps = math.ceil(n_train / s.batch_size) * s.epochs
     for name in s.models:
-        model = _build(name, data)
+        model = create_model(name, num_classes=len(data.classes), in_chans=c, input_size=(h, w))
         summary = summarize(model, data.input_shape)
         step_s = seconds_per_step(model, data.input_shape, min(s.batch_size, n_train), s.amp)
-        infer = inference_speed(_build(name, data), data.input_shape)
+        infer = inference_speed(model, data.input_shape)  # a few SGD steps do not change its speed
         costs[name] = {"params": summary.params, "macs": summary.macs, "infer_img_per_s": infer}
         estimate += s.seeds * (step_s * steps + n_val / infer + _RUN_OVERHEAD_S)
     study.announce(
@@ -126,11 +127,6 @@ def run_families(s: FamilySettings, out: str | None = None, progress: bool = Tru
                 bar.update(1)
             results[name] = {**costs[name], "val_acc": accs, "train_img_per_s": train_speed}
     return _summarise(study, s, data.name, n_train, results)
-
-
-def _build(name: str, data: Any) -> torch.nn.Module:
-    c, h, w = data.input_shape
-    return create_model(name, num_classes=len(data.classes), in_chans=c, input_size=(h, w))
 
 
 def _summarise(study: Study, s: FamilySettings, data_name: str, n_train: int, results: dict) -> dict[str, Any]:
