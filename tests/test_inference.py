@@ -166,3 +166,52 @@ def test_compiled_inference_matches_eager_and_holds_the_weights_once():
         diff = (compiled(x.contiguous(memory_format=torch.channels_last)) - model(x)).abs().max()
     assert float(diff) < 1e-4
     assert len(compiled.state_dict()) == len(prepare_inference(model, "fold").state_dict())
+
+
+class _Pixels(torch.nn.Module):
+    """The input itself as the 'logits': makes each test-time view visible in the output."""
+
+    def forward(self, x):
+        return x.flatten(1)
+
+
+def test_tta_views_are_flips_and_one_pixel_shifts_weighted_as_airbench():
+    from resnetlab.training.evaluate import tta_logits
+
+    x = torch.arange(2 * 1 * 4 * 5, dtype=torch.float32).view(2, 1, 4, 5)
+    model = _Pixels()
+    assert torch.equal(tta_logits(model, x), x.flatten(1))
+    assert torch.equal(tta_logits(model, x, flip=True), ((x + x.flip(3)) / 2).flatten(1))
+    # numpy's reflect padding, written out: the image shifted so that pixel (i, j) shows (i - 1, j - 1)
+    padded = torch.from_numpy(np.pad(x.numpy(), ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect"))
+    up_left, down_right = padded[..., :4, :5], padded[..., 2:, 2:]
+    assert torch.equal(up_left[..., 1:, 1:], x[..., :-1, :-1])
+    expected = x / 2 + (up_left + down_right) / 4
+    assert torch.allclose(tta_logits(model, x, translate=1), expected.flatten(1))
+    both = tta_logits(model, x, flip=True, translate=1)
+    mirror = lambda t: (t + t.flip(3)) / 2  # noqa: E731
+    assert torch.allclose(both, (mirror(x) / 2 + (mirror(up_left) + mirror(down_right)) / 4).flatten(1))
+    with pytest.raises(ValueError, match="4x5"):
+        tta_logits(model, x, translate=4)
+
+
+def test_eval_reproduces_a_run_validated_with_flips_and_shifts_and_can_leave_them_out(tmp_path, capsys):
+    out = tmp_path / "tta"
+    config = TrainConfig(data="digits", epochs=1, batch_size=64, eval_flip=True, eval_translate=1, out=str(out))
+    train(config, progress=False)
+    final = json.loads((out / "result.json").read_text())["final"]
+    assert main(["eval", str(out), "--json"]) == 0
+    with_tta = _json_tail(capsys)
+    assert with_tta["tta"] == {"flip": True, "translate": 1}
+    assert with_tta["acc"] == pytest.approx(final["val_acc"], abs=1e-3)
+    assert main(["eval", str(out), "--no-tta", "--json"]) == 0
+    plain = _json_tail(capsys)
+    assert plain["tta"] == {"flip": False, "translate": 0}
+    assert plain["loss"] != pytest.approx(with_tta["loss"], rel=1e-6)
+
+
+def test_a_shift_as_large_as_the_images_is_refused_before_training(tmp_path):
+    config = TrainConfig(data="digits", epochs=1, eval_translate=8, out=str(tmp_path / "r"))
+    with pytest.raises(UserError, match=r"--eval-translate 8: must be smaller than the images \(8x8\)"):
+        train(config, progress=False)
+    assert not (tmp_path / "r" / "result.json").exists()

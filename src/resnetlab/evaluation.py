@@ -65,8 +65,13 @@ def evaluate_checkpoint(
     split: Literal["train", "val", "test"] = "val",
     batch_size: int = 256,
     device: str = "auto",
+    tta: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate the model in ``checkpoint`` (a run folder, checkpoint folder or weights file)."""
+    """Evaluate the model in ``checkpoint`` (a run folder, checkpoint folder or weights file).
+
+    ``tta``: use the test-time augmentation the run validated with (``eval_flip``, ``eval_translate``),
+    so that the run's own validation accuracy is reproduced; ``False``: each image once.
+    """
     dev = resolve_device(device)
     model, info = load_model(checkpoint, map_location=dev)
     if info is None:
@@ -91,13 +96,15 @@ def evaluate_checkpoint(
     loader = make_loader(
         chosen, batch_size, train=False, device=dev, input_shape=info.input_shape, workers=config.workers
     )
-    result = evaluate(model, loader, Preprocess(info.mean, info.std).to(dev), len(info.classes))
+    views = {"flip": config.eval_flip, "translate": config.eval_translate} if tta else {}
+    result = evaluate(model, loader, Preprocess(info.mean, info.std).to(dev), len(info.classes), **views)
     return {
         "checkpoint": str(checkpoint),
         "model": info.model,
         "data": spec,
         "split": "images" if "images" in source.splits else split,
         "images": result.images,
+        "tta": {"flip": bool(views.get("flip")), "translate": int(views.get("translate", 0))},
         "loss": round(result.loss, 6),
         "acc": round(result.acc, 4),
         "per_class_acc": dict(zip(info.classes, [round(a, 2) for a in result.per_class_acc()], strict=True)),

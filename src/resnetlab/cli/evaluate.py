@@ -22,6 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=["val", "test", "train"], default="val", help="which split")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--no-tta",
+        action="store_true",
+        help="each image once, without the test-time flips/translations the run validated with",
+    )
     add_json_flag(p)
     p.set_defaults(run=run_eval)
 
@@ -33,11 +38,21 @@ def run_eval(args: argparse.Namespace) -> dict:
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
     result = evaluate_checkpoint(
-        args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size, device=args.device
+        args.checkpoint,
+        data=args.data,
+        split=args.split,
+        batch_size=args.batch_size,
+        device=args.device,
+        tta=not args.no_tta,
     )
     if not args.json:
+        tta = result["tta"]
+        views = [
+            name for name, on in (("flips", tta["flip"]), (f"{tta['translate']}-pixel shifts", tta["translate"])) if on
+        ]
         print(
-            f"{result['model']} on {result['data']} ({result['split']}, {result['images']} images): "
+            f"{result['model']} on {result['data']} ({result['split']}, {result['images']} images"
+            f"{', test-time ' + ' and '.join(views) if views else ''}): "
             f"accuracy {result['acc']:.2f}%, loss {result['loss']:.4f}"
         )
         classes = result["classes"]

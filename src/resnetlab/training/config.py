@@ -92,6 +92,9 @@ class TrainConfig:
     grad_clip: float = knob(0.0, "clip the gradient norm to this value; 0 = off")
     ema_decay: float = knob(0.0, "keep an exponential moving average of the weights; 0 = off")
     eval_flip: bool = knob(False, "validate on each image and its mirror image, averaging the logits")
+    eval_translate: int = knob(
+        0, "validate also on each image shifted by N pixels up-left and down-right (weighing half); 0 = off"
+    )
     eval_every: int = knob(1, "validate every N epochs (and after the last); other epochs record no validation")
 
     # --- hardware --------------------------------------------------------------------------------
@@ -132,6 +135,7 @@ class TrainConfig:
             (self.threads >= 0, "--threads must be >= 0"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
             (self.eval_every >= 1, "--eval-every must be >= 1"),
+            (self.eval_translate >= 0, "--eval-translate must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -137,6 +137,11 @@ class Trainer:
             seed=config.seed,
         )
         data = self.data
+        if config.eval_translate >= min(data.input_shape[1:]):
+            raise UserError(
+                f"--eval-translate {config.eval_translate}: must be smaller than the images "
+                f"({data.input_shape[1]}x{data.input_shape[2]})"
+            )
         loader_args = dict(
             device=device, input_shape=data.input_shape, seed=config.seed, workers=config.workers, dist=dist
         )
@@ -271,6 +276,7 @@ class Trainer:
             dist=self.dist,
             autocast=self.autocast(),
             flip=self.config.eval_flip,
+            translate=self.config.eval_translate,
         )
 
     # --- checkpoints ------------------------------------------------------------------------------
