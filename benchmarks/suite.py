@@ -8,8 +8,8 @@
   against resnetlab's training step in float32 (channels_last, in-memory batches) and in bfloat16
   mixed precision (labelled: a different precision), with the ratios and the achieved GFLOP/s.
 - **infer**: resnet50 latency at batch 1 and throughput at batch 32, resnet20 throughput at batch
-  256: eager against resnetlab's inference path (BN folded, channels_last; compiled) and onnxruntime
-  on the exported model.
+  256: eager against resnetlab's inference paths (BN folded, channels_last; compiled by inductor;
+  oneDNN Graph through TorchScript) and onnxruntime on the exported model.
 - **depth**: time per training step and peak memory against depth (ResNet-20 ... 1202), with and
   without gradient checkpointing, each in a fresh process.
 
@@ -163,6 +163,9 @@ def _time_calls(fn, x, repeats: int) -> list[float]:
     return times
 
 
+INFER_PATHS = ("eager", "fold", "compile", "onednn", "onnxruntime")
+
+
 @torch.no_grad()
 def section_infer(quick: bool) -> list[dict]:
     import onnxruntime as ort
@@ -179,11 +182,13 @@ def section_infer(quick: bool) -> list[dict]:
         paths = {}
         paths["eager"] = model
         setup = {"eager": 0.0}
-        for mode in ("fold", "compile"):
+        for mode in ("fold", "compile", "onednn"):
             t0 = time.perf_counter()
             m = prepare_inference(model, mode)
             xc = x.contiguous(memory_format=torch.channels_last)
             m(xc)  # first call: compiles
+            if mode == "onednn":
+                m(xc)  # oneDNN Graph fuses during the profiling executor's first calls
             setup[mode] = time.perf_counter() - t0
             paths[mode] = m
         with tempfile.TemporaryDirectory() as tmp:
@@ -198,6 +203,7 @@ def section_infer(quick: bool) -> list[dict]:
             "eager": (paths["eager"], x),
             "fold": (paths["fold"], x.contiguous(memory_format=torch.channels_last)),
             "compile": (paths["compile"], x.contiguous(memory_format=torch.channels_last)),
+            "onednn": (paths["onednn"], x.contiguous(memory_format=torch.channels_last)),
             "onnxruntime": (lambda a, s=session: s.run(None, {"input": a}), xn),
         }
         # The paths take turns in rounds, so that a drift of the machine hits all alike; within a round
@@ -212,6 +218,7 @@ def section_infer(quick: bool) -> list[dict]:
         diffs = {
             "fold": float((paths["fold"](x.contiguous(memory_format=torch.channels_last)) - ref).abs().max()),
             "compile": float((paths["compile"](x.contiguous(memory_format=torch.channels_last)) - ref).abs().max()),
+            "onednn": float((paths["onednn"](x.contiguous(memory_format=torch.channels_last)) - ref).abs().max()),
             "onnxruntime": float(abs(session.run(None, {"input": xn})[0] - ref.numpy()).max()),
         }
         median = {k: statistics.median(v) for k, v in timings.items()}
@@ -226,9 +233,9 @@ def section_infer(quick: bool) -> list[dict]:
         }
         out.append(result)
         if kind == "latency":
-            cells = [f"{1000 * median[k]:.1f} ms" for k in ("eager", "fold", "compile", "onnxruntime")]
+            cells = [f"{1000 * median[k]:.1f} ms" for k in INFER_PATHS]
         else:
-            cells = [f"{batch / median[k]:.0f} img/s" for k in ("eager", "fold", "compile", "onnxruntime")]
+            cells = [f"{batch / median[k]:.0f} img/s" for k in INFER_PATHS]
         rows.append([model_name, size, batch, kind, *cells])
         print(
             f"  {model_name} batch {batch}: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in median.items()),
@@ -240,7 +247,17 @@ def section_infer(quick: bool) -> list[dict]:
     )
     print(
         table(
-            ["model", "px", "batch", "measure", "eager NCHW", "folded BN, NHWC", "folded + compiled", "onnxruntime"],
+            [
+                "model",
+                "px",
+                "batch",
+                "measure",
+                "eager NCHW",
+                "folded BN, NHWC",
+                "folded + compiled",
+                "oneDNN Graph",
+                "onnxruntime",
+            ],
             rows,
         )
     )

@@ -37,7 +37,7 @@ def test_suite_quick_train_and_infer(tmp_path):
     assert (infer["model"], infer["batch"]) == ("resnet20", 256)
     # every fast path computes what eager computes (float32; folding and ONNX only reorder rounding)
     assert max(infer["max_abs_diff"].values()) < 1e-3
-    assert set(infer["median_seconds"]) == {"eager", "fold", "compile", "onnxruntime"}
+    assert set(infer["median_seconds"]) == {"eager", "fold", "compile", "onednn", "onnxruntime"}
     assert "Inference (float32" in done.stdout and "resnet20" in done.stdout
 
 

@@ -215,3 +215,17 @@ def test_a_shift_as_large_as_the_images_is_refused_before_training(tmp_path):
     with pytest.raises(UserError, match=r"--eval-translate 8: must be smaller than the images \(8x8\)"):
         train(config, progress=False)
     assert not (tmp_path / "r" / "result.json").exists()
+
+
+def test_onednn_graph_inference_matches_eager_runs_fused_and_leaves_the_switch_as_it_was():
+    torch.manual_seed(0)
+    model = create_model("resnet20").eval()
+    fast = prepare_inference(model, "onednn")
+    assert len(fast.state_dict()) == len(model.state_dict())  # the traced copy is not a second set of weights
+    with torch.no_grad():
+        for batch in (4, 4, 4, 3):  # the profiling executor fuses after the first calls of a shape
+            x = torch.randn(batch, 3, 32, 32)
+            assert float((fast(x) - model(x)).abs().max()) < 1e-4
+            assert not torch.jit.onednn_fusion_enabled()
+    top_level = {node.kind() for node in torch.jit.last_executed_optimized_graph().nodes()}
+    assert "prim::oneDNNFusionGuard" in top_level and "aten::_convolution" not in top_level
