@@ -179,18 +179,17 @@ def section_infer(quick: bool) -> list[dict]:
         model = create_model(model_name).eval()
         x = torch.randn(batch, 3, size, size)
         rounds, calls_per_round = (6, 10) if batch == 1 else (3, 3)
-        paths = {}
-        paths["eager"] = model
+        xc = x.contiguous(memory_format=torch.channels_last)
+        calls = {"eager": (model, x)}
         setup = {"eager": 0.0}
         for mode in ("fold", "compile", "onednn"):
             t0 = time.perf_counter()
             m = prepare_inference(model, mode)
-            xc = x.contiguous(memory_format=torch.channels_last)
             m(xc)  # first call: compiles
             if mode == "onednn":
                 m(xc)  # oneDNN Graph fuses during the profiling executor's first calls
             setup[mode] = time.perf_counter() - t0
-            paths[mode] = m
+            calls[mode] = (m, xc)
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             _to_onnx(model, torch.randn(2, 3, size, size), Path(tmp) / "m.onnx", {})
@@ -198,14 +197,7 @@ def section_infer(quick: bool) -> list[dict]:
             options.intra_op_num_threads = torch.get_num_threads()
             session = ort.InferenceSession(str(Path(tmp) / "m.onnx"), options, providers=["CPUExecutionProvider"])
             setup["onnxruntime"] = time.perf_counter() - t0
-        xn = x.numpy()
-        calls = {
-            "eager": (paths["eager"], x),
-            "fold": (paths["fold"], x.contiguous(memory_format=torch.channels_last)),
-            "compile": (paths["compile"], x.contiguous(memory_format=torch.channels_last)),
-            "onednn": (paths["onednn"], x.contiguous(memory_format=torch.channels_last)),
-            "onnxruntime": (lambda a, s=session: s.run(None, {"input": a}), xn),
-        }
+        calls["onnxruntime"] = (lambda a, s=session: torch.from_numpy(s.run(None, {"input": a})[0]), x.numpy())
         # The paths take turns in rounds, so that a drift of the machine hits all alike; within a round
         # one path runs several calls in a row, the first untimed, so each is measured with its own
         # weights in the caches (as a server that runs one model sees it), not the previous path's.
@@ -215,12 +207,7 @@ def section_infer(quick: bool) -> list[dict]:
                 fn(arg)
                 timings[k] += _time_calls(fn, arg, calls_per_round)
         ref = model(x)
-        diffs = {
-            "fold": float((paths["fold"](x.contiguous(memory_format=torch.channels_last)) - ref).abs().max()),
-            "compile": float((paths["compile"](x.contiguous(memory_format=torch.channels_last)) - ref).abs().max()),
-            "onednn": float((paths["onednn"](x.contiguous(memory_format=torch.channels_last)) - ref).abs().max()),
-            "onnxruntime": float(abs(session.run(None, {"input": xn})[0] - ref.numpy()).max()),
-        }
+        diffs = {k: float((fn(arg) - ref).abs().max()) for k, (fn, arg) in calls.items() if k != "eager"}
         median = {k: statistics.median(v) for k, v in timings.items()}
         result = {
             "model": model_name,

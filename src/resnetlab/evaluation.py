@@ -96,7 +96,7 @@ def evaluate_checkpoint(
     loader = make_loader(
         chosen, batch_size, train=False, device=dev, input_shape=info.input_shape, workers=config.workers
     )
-    views = {"flip": config.eval_flip, "translate": config.eval_translate} if tta else {}
+    views = {"flip": config.eval_flip and tta, "translate": config.eval_translate if tta else 0}
     result = evaluate(model, loader, Preprocess(info.mean, info.std).to(dev), len(info.classes), **views)
     return {
         "checkpoint": str(checkpoint),
@@ -104,7 +104,7 @@ def evaluate_checkpoint(
         "data": spec,
         "split": "images" if "images" in source.splits else split,
         "images": result.images,
-        "tta": {"flip": bool(views.get("flip")), "translate": int(views.get("translate", 0))},
+        "tta": views,
         "loss": round(result.loss, 6),
         "acc": round(result.acc, 4),
         "per_class_acc": dict(zip(info.classes, [round(a, 2) for a in result.per_class_acc()], strict=True)),

@@ -12,7 +12,7 @@ layout between them. benchmarks/suite.py measures both against onnxruntime.
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -40,14 +40,11 @@ def prepare_inference(model: nn.Module, mode: Mode = "fold", channels_last: bool
     and cuDNN's GPU convolutions prefer. The compiled paths compile at the first call of each input
     shape and compute without gradients.
     """
-    if mode not in ("eager", "fold", "compile", "onednn"):
-        raise ValueError(f"mode must be eager, fold, compile or onednn, got {mode!r}")
-    if mode == "onednn":
-        # TorchScript's freezing folds the batch norms itself (and oneDNN Graph wants the
-        # convolution + BN pattern whole), so the model goes in unfolded.
-        out = copy.deepcopy(model).eval()
-        return _OneDNNGraph(out.to(memory_format=torch.channels_last) if channels_last else out)
-    out = copy.deepcopy(model).eval() if mode == "eager" else fold_batchnorm(model)
+    if mode not in get_args(Mode):
+        raise ValueError(f"mode must be one of {', '.join(get_args(Mode))}, got {mode!r}")
+    # TorchScript's freezing folds the batch norms itself (and oneDNN Graph wants the convolution + BN
+    # pattern whole), so the onednn path takes the model unfolded.
+    out = fold_batchnorm(model) if mode in ("fold", "compile") else copy.deepcopy(model).eval()
     if channels_last:
         out = out.to(memory_format=torch.channels_last)
     if mode == "compile":
@@ -55,6 +52,8 @@ def prepare_inference(model: nn.Module, mode: Mode = "fold", channels_last: bool
         # them for oneDNN's convolutions (the CPU inference recipe of PyTorch's inductor docs). On this
         # machine it took resnet50 at batch 1 from about 60 to 42-44 ms (benchmarks/suite.py).
         out = _FreezingCompiled(out)
+    elif mode == "onednn":
+        out = _OneDNNGraph(out)
     return out
 
 

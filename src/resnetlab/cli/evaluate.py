@@ -47,9 +47,11 @@ def run_eval(args: argparse.Namespace) -> dict:
     )
     if not args.json:
         tta = result["tta"]
-        views = [
-            name for name, on in (("flips", tta["flip"]), (f"{tta['translate']}-pixel shifts", tta["translate"])) if on
-        ]
+        views = []
+        if tta["flip"]:
+            views.append("flips")
+        if tta["translate"]:
+            views.append(f"{tta['translate']}-pixel shifts")
         print(
             f"{result['model']} on {result['data']} ({result['split']}, {result['images']} images"
             f"{', test-time ' + ' and '.join(views) if views else ''}): "
