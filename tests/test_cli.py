@@ -65,3 +65,14 @@ def test_console_entry_point_runs_as_a_module():
     assert "269,722" in proc.stdout and "40.6 M" in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "resnetlab", "summary"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "required" in bad.stderr
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    # `resnetlab list | head -1`: the pipe closes before the listing is written
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resnetlab", "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err
