@@ -402,3 +402,26 @@ def test_automatic_choice_streams_large_images(tmp_path):
     small = load(root, tmp_path, image_size=32).splits["images"]
     assert isinstance(small, ImageArray) and small.images.shape == (2, 3, 32, 32)
     assert isinstance(load(root, tmp_path, in_memory=True, image_size=70).splits["images"], ImageArray)
+
+
+def test_streamed_images_alternate_their_flips_between_epochs(tmp_path):
+    # A left-to-right ramp stays darker on the left under any crop unless it is mirrored.
+    ramp = np.repeat(np.repeat(np.arange(0, 256, 8, dtype=np.uint8)[None, :, None], 32, 0), 3, 2)
+    paths = []
+    for i in range(12):
+        Image.fromarray(ramp).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    files = FileList(paths, torch.zeros(12, dtype=torch.int64))
+
+    def flipped(ds, epoch):
+        ds.set_epoch(epoch)
+        images = [ds[i][0].float() for i in range(12)]
+        return torch.tensor([bool(x[:, :, 0].mean() > x[:, :, -1].mean()) for x in images])
+
+    ds = ImageFileDataset(files, image_size=8, channels=3, train=True, alternate_flip=True, seed=2)
+    states = [flipped(ds, e) for e in range(4)]
+    assert 0 < int(states[0].sum()) < 12
+    for before, after in zip(states, states[1:], strict=False):
+        assert torch.equal(after, ~before)
+    random = ImageFileDataset(files, image_size=8, channels=3, train=True, seed=2)
+    assert any((flipped(random, e) == flipped(random, e + 1)).any() for e in range(3))

@@ -128,3 +128,45 @@ def test_eval_loader_covers_every_image_once_in_order_without_augmentation():
 def test_loader_refuses_a_batch_larger_than_the_training_split():
     with pytest.raises(ValueError, match="fewer than one batch"):
         InMemoryLoader(_data(4), 8, train=True)
+
+
+def _flipped(batches, data):
+    """Per image (labels are image numbers): True where the batch holds the image mirrored."""
+    state = {}
+    for x, y in batches:
+        for image, i in zip(x, y.tolist(), strict=True):
+            original = data.images[i]
+            assert torch.equal(image, original) or torch.equal(image, original.flip(2))
+            state[i] = not torch.equal(image, original)
+    return torch.tensor([state[i] for i in range(len(state))])
+
+
+def test_alternating_flips_show_each_image_the_other_way_round_in_the_next_epoch():
+    data = ImageArray(torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8), torch.arange(40))
+    loader = InMemoryLoader(data, 8, train=True, augment=BatchAugment(crop_padding=0), alternate_flip=True, seed=3)
+    states = [_flipped(loader.batches(e), data) for e in range(4)]
+    assert 10 < int(states[0].sum()) < 30  # a random start per image
+    for before, after in zip(states, states[1:], strict=False):
+        assert torch.equal(after, ~before)
+    # Random flips would have shown some images the same way round in epochs 0 and 1.
+    random = InMemoryLoader(data, 8, train=True, augment=BatchAugment(crop_padding=0), seed=3)
+    assert (_flipped(random.batches(0), data) == _flipped(random.batches(1), data)).any()
+
+
+def test_alternating_flips_keep_the_crops_of_random_flips():
+    data = _data()
+    augment = BatchAugment(crop_padding=2)
+    alternate = InMemoryLoader(data, 8, train=True, augment=augment, alternate_flip=True, seed=4)
+    random = InMemoryLoader(data, 8, train=True, augment=augment, seed=4)
+    differ = 0
+    for (xa, ya), (xr, yr) in zip(alternate.batches(2), random.batches(2), strict=True):
+        assert torch.equal(ya, yr)
+        for a, r in zip(xa, xr, strict=True):
+            assert torch.equal(a, r) or torch.equal(a, r.flip(2))
+            differ += not torch.equal(a, r)
+    assert differ > 0
+
+
+def test_alternating_flips_need_an_augmentation_that_flips():
+    with pytest.raises(ValueError, match="alternating flips need"):
+        InMemoryLoader(_data(), 8, train=True, augment=BatchAugment(flip=False), alternate_flip=True)

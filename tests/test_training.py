@@ -287,3 +287,10 @@ def test_progressive_resizing_schedule_and_record(tmp_path):
     )
     history = train(config, progress=False, verbose=False).history
     assert [r["image_size"] for r in history] == [16, 32]
+
+
+def test_alternating_flips_without_flips_in_the_augmentation_are_refused(tmp_path):
+    config = TrainConfig(data="digits", epochs=1, alternate_flip=True, out=str(tmp_path / "r"))
+    with pytest.raises(UserError, match="--alternate-flip needs flips in the training augmentation, which is none"):
+        train(config, progress=False)
+    assert not (tmp_path / "r" / "result.json").exists()

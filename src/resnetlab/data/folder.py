@@ -33,6 +33,7 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from ..errors import UserError
+from .augment import alternating_flips
 from .types import DataSource, FileList, ImageArray
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
@@ -732,7 +733,8 @@ class ImageFileDataset(torch.utils.data.Dataset):
     kept in ``.channels``).
 
     ``train=True``: a random resized crop to ``image_size`` and a random horizontal flip, drawn from a
-    generator seeded by (seed, epoch, index), so a run is reproducible whatever the worker count; call
+    generator seeded by (seed, epoch, index), so a run is reproducible whatever the worker count (with
+    ``alternate_flip`` each image's flip alternates between epochs, see ``alternating_flips``); call
     :meth:`set_epoch` before each epoch (with ``persistent_workers=True`` workers keep the epoch they
     started with). ``train=False``: shorter side to ``round(image_size / 0.875)``, then a center crop.
 
@@ -743,7 +745,14 @@ class ImageFileDataset(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, file_list: FileList, *, image_size: int, channels: int | None, train: bool, seed: int = 0
+        self,
+        file_list: FileList,
+        *,
+        image_size: int,
+        channels: int | None,
+        train: bool,
+        alternate_flip: bool = False,
+        seed: int = 0,
     ) -> None:
         if channels is None:  # decided from a sample of the files: see sniff_channels
             channels = sniff_channels(file_list)
@@ -752,6 +761,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
         self.paths = list(file_list.paths)
         self.labels = file_list.labels.tolist()
         self.image_size, self.channels, self.train, self.seed = image_size, channels, train, seed
+        self.alternate_flip = alternate_flip
         self.epoch = 0
         # archive -> (pid, open tar, member index); reopened in each process, since a forked worker
         # must not share the parent's file position.
@@ -798,7 +808,10 @@ class ImageFileDataset(torch.utils.data.Dataset):
             rng = np.random.default_rng([self.seed, self.epoch, index])
             box = _random_resized_crop_box(*img.size, rng)
             img = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
-            if rng.random() < 0.5:
+            flip = bool(rng.random() < 0.5)
+            if self.alternate_flip:  # the start is drawn from (seed, index) alone, the same in every epoch
+                flip = alternating_flips(bool(np.random.default_rng([self.seed, index]).random() < 0.5), self.epoch)
+            if flip:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         else:
             img = _center_crop(_resize_shorter(img, round(size / EVAL_CROP_FRACTION)), size)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .augment import BatchAugment
+from .augment import BatchAugment, alternating_flips
 from .types import FileList, ImageArray
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -63,7 +63,9 @@ class InMemoryLoader(_Loader):
     """Batches sliced from one uint8 tensor that lives on the training device.
 
     Training batches are augmented as whole batches (:class:`BatchAugment`) with parameters drawn for
-    the global batch, then sliced for this process.
+    the global batch, then sliced for this process. ``alternate_flip``: each image's flip alternates
+    between epochs from a start drawn per image from ``seed`` (see :func:`alternating_flips`); the
+    crops are the same as with random flips.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class InMemoryLoader(_Loader):
         *,
         train: bool,
         augment: BatchAugment | None = None,
+        alternate_flip: bool = False,
         seed: int = 0,
         device: torch.device | str = "cpu",
         rank: int = 0,
@@ -82,16 +85,24 @@ class InMemoryLoader(_Loader):
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
         self.augment = augment if train else None
+        self.flip_start = None
+        if alternate_flip and train:
+            if self.augment is None or not self.augment.flip:
+                raise ValueError("alternating flips need a training augmentation that flips")
+            # -1 is never an epoch: a stream of its own, drawn once for the run.
+            self.flip_start = torch.rand(len(data), generator=_generator(seed, -1)) < 0.5
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
         for step, index in self._global_batches(epoch, start):
             local = self._local(index)
-            index = index.to(self.images.device)
-            x = self.images[index[local]]
-            y = self.labels[index[local]]
+            mine = index[local].to(self.images.device)
+            x = self.images[mine]
+            y = self.labels[mine]
             if self.augment is not None:
-                params = self.augment.params(len(index), _generator(self.seed, epoch, step))
-                x = self.augment.apply(x, *(p[local] for p in params))
+                dy, dx, flips = self.augment.params(len(index), _generator(self.seed, epoch, step))
+                if self.flip_start is not None:
+                    flips = alternating_flips(self.flip_start[index], epoch)
+                x = self.augment.apply(x, dy[local], dx[local], flips[local])
             yield x, y
 
 
@@ -106,6 +117,7 @@ class StreamingLoader(_Loader):
         train: bool,
         image_size: int,
         channels: int,
+        alternate_flip: bool = False,
         seed: int = 0,
         workers: int = 2,
         rank: int = 0,
@@ -114,7 +126,9 @@ class StreamingLoader(_Loader):
         from .folder import ImageFileDataset
 
         super().__init__(len(files), batch_size, train, seed, rank, world_size)
-        self.dataset = ImageFileDataset(files, image_size=image_size, channels=channels, train=train, seed=seed)
+        self.dataset = ImageFileDataset(
+            files, image_size=image_size, channels=channels, train=train, alternate_flip=alternate_flip, seed=seed
+        )
         self.workers = workers
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:

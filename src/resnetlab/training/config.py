@@ -65,6 +65,9 @@ class TrainConfig:
         "auto", "training augmentation; auto = crop+flip for natural images, none for digits and synthetic"
     )
     crop_padding: int = knob(4, "pixels of padding around images for the random crop")
+    alternate_flip: bool = knob(
+        False, "flip each training image in every other epoch (from a random start) instead of at random"
+    )
     min_image_size: int = knob(
         0, "progressive resizing: train the first epochs on images scaled down to this size, growing to full size"
     )

@@ -77,6 +77,8 @@ def choose_augment(config: TrainConfig, data: PreparedData) -> BatchAugment | No
         # Digits are not mirror-symmetric and synthetic data has nothing to learn.
         natural = not (data.name == "digits" or data.name.startswith("synthetic"))
         kind = "crop+flip" if natural else "none"
+    if config.alternate_flip and "flip" not in kind:
+        raise UserError(f"--alternate-flip needs flips in the training augmentation, which is {kind} here")
     if kind == "none":
         return None
     return BatchAugment(
@@ -94,12 +96,15 @@ def make_loader(
     device: torch.device,
     input_shape: tuple[int, int, int],
     augment: BatchAugment | None = None,
+    alternate_flip: bool = False,
     seed: int = 0,
     workers: int = 2,
     dist: DistInfo = SINGLE_PROCESS,
 ) -> InMemoryLoader | StreamingLoader:
     """In-memory batches for decoded images, worker processes for files streamed from disk."""
-    common = dict(train=train, seed=seed, rank=dist.rank, world_size=dist.world_size)
+    common = dict(
+        train=train, alternate_flip=alternate_flip and train, seed=seed, rank=dist.rank, world_size=dist.world_size
+    )
     try:
         if isinstance(split, ImageArray):
             return InMemoryLoader(split, batch_size, augment=augment if train else None, device=device, **common)
