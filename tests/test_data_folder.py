@@ -425,3 +425,14 @@ def test_streamed_images_alternate_their_flips_between_epochs(tmp_path):
         assert torch.equal(after, ~before)
     random = ImageFileDataset(files, image_size=8, channels=3, train=True, seed=2)
     assert any((flipped(random, e) == flipped(random, e + 1)).any() for e in range(3))
+
+
+def test_make_loader_passes_alternating_flips_to_streamed_training_files_only(noisy_folder, tmp_path):
+    from resnetlab.data.augment import BatchAugment
+    from resnetlab.training.setup import make_loader
+
+    train = load(noisy_folder, tmp_path, in_memory=False).splits["train"]
+    args = dict(device=torch.device("cpu"), input_shape=(3, 8, 8), augment=BatchAugment(alternate_flip=True))
+    assert make_loader(train, 2, train=True, **args).dataset.alternate_flip
+    assert not make_loader(train, 2, train=False, **args).dataset.alternate_flip
+    assert not make_loader(train, 2, train=True, **{**args, "augment": BatchAugment()}).dataset.alternate_flip

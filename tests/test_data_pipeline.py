@@ -143,7 +143,8 @@ def _flipped(batches, data):
 
 def test_alternating_flips_show_each_image_the_other_way_round_in_the_next_epoch():
     data = ImageArray(torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8), torch.arange(40))
-    loader = InMemoryLoader(data, 8, train=True, augment=BatchAugment(crop_padding=0), alternate_flip=True, seed=3)
+    alternate = BatchAugment(crop_padding=0, alternate_flip=True)
+    loader = InMemoryLoader(data, 8, train=True, augment=alternate, seed=3)
     states = [_flipped(loader.batches(e), data) for e in range(4)]
     assert 10 < int(states[0].sum()) < 30  # a random start per image
     for before, after in zip(states, states[1:], strict=False):
@@ -155,9 +156,8 @@ def test_alternating_flips_show_each_image_the_other_way_round_in_the_next_epoch
 
 def test_alternating_flips_keep_the_crops_of_random_flips():
     data = _data()
-    augment = BatchAugment(crop_padding=2)
-    alternate = InMemoryLoader(data, 8, train=True, augment=augment, alternate_flip=True, seed=4)
-    random = InMemoryLoader(data, 8, train=True, augment=augment, seed=4)
+    alternate = InMemoryLoader(data, 8, train=True, augment=BatchAugment(crop_padding=2, alternate_flip=True), seed=4)
+    random = InMemoryLoader(data, 8, train=True, augment=BatchAugment(crop_padding=2), seed=4)
     differ = 0
     for (xa, ya), (xr, yr) in zip(alternate.batches(2), random.batches(2), strict=True):
         assert torch.equal(ya, yr)
@@ -169,4 +169,4 @@ def test_alternating_flips_keep_the_crops_of_random_flips():
 
 def test_alternating_flips_need_an_augmentation_that_flips():
     with pytest.raises(ValueError, match="alternating flips need"):
-        InMemoryLoader(_data(), 8, train=True, augment=BatchAugment(flip=False), alternate_flip=True)
+        BatchAugment(flip=False, alternate_flip=True)

@@ -31,11 +31,20 @@ def _padded_index(offset: torch.Tensor, size: int, pad: int, mode: PadMode) -> t
 
 @dataclass(frozen=True)
 class BatchAugment:
-    """Random ``crop_padding``-pixel translation (a crop of the padded image) and random flip."""
+    """Random ``crop_padding``-pixel translation (a crop of the padded image) and random flip.
+
+    ``alternate_flip``: the loader replaces the random flips by :func:`alternating_flips` (it knows
+    which image is which); the crops stay the ones drawn here.
+    """
 
     crop_padding: int = 4
     flip: bool = True
     pad_mode: PadMode = "reflect"
+    alternate_flip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.alternate_flip and not self.flip:
+            raise ValueError("alternating flips need a training augmentation that flips")
 
     def params(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-image crop offsets (rows, columns) in ``[0, 2 * crop_padding]`` and flip flags."""

@@ -808,9 +808,10 @@ class ImageFileDataset(torch.utils.data.Dataset):
             rng = np.random.default_rng([self.seed, self.epoch, index])
             box = _random_resized_crop_box(*img.size, rng)
             img = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
-            flip = bool(rng.random() < 0.5)
             if self.alternate_flip:  # the start is drawn from (seed, index) alone, the same in every epoch
                 flip = alternating_flips(bool(np.random.default_rng([self.seed, index]).random() < 0.5), self.epoch)
+            else:
+                flip = rng.random() < 0.5
             if flip:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         else:

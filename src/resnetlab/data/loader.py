@@ -63,9 +63,8 @@ class InMemoryLoader(_Loader):
     """Batches sliced from one uint8 tensor that lives on the training device.
 
     Training batches are augmented as whole batches (:class:`BatchAugment`) with parameters drawn for
-    the global batch, then sliced for this process. ``alternate_flip``: each image's flip alternates
-    between epochs from a start drawn per image from ``seed`` (see :func:`alternating_flips`); the
-    crops are the same as with random flips.
+    the global batch, then sliced for this process. With ``augment.alternate_flip`` each image's flip
+    alternates between epochs from a start drawn per image from ``seed`` (:func:`alternating_flips`).
     """
 
     def __init__(
@@ -75,7 +74,6 @@ class InMemoryLoader(_Loader):
         *,
         train: bool,
         augment: BatchAugment | None = None,
-        alternate_flip: bool = False,
         seed: int = 0,
         device: torch.device | str = "cpu",
         rank: int = 0,
@@ -86,9 +84,7 @@ class InMemoryLoader(_Loader):
         self.labels = data.labels.to(device)
         self.augment = augment if train else None
         self.flip_start = None
-        if alternate_flip and train:
-            if self.augment is None or not self.augment.flip:
-                raise ValueError("alternating flips need a training augmentation that flips")
+        if self.augment is not None and self.augment.alternate_flip:
             # -1 is never an epoch: a stream of its own, drawn once for the run.
             self.flip_start = torch.rand(len(data), generator=_generator(seed, -1)) < 0.5
 

@@ -146,12 +146,7 @@ class Trainer:
             device=device, input_shape=data.input_shape, seed=config.seed, workers=config.workers, dist=dist
         )
         self.train_loader = make_loader(
-            data.train,
-            config.batch_size,
-            train=True,
-            augment=choose_augment(config, data),
-            alternate_flip=config.alternate_flip,
-            **loader_args,
+            data.train, config.batch_size, train=True, augment=choose_augment(config, data), **loader_args
         )
         self.val_loader = make_loader(data.val, config.batch_size, train=False, **loader_args) if data.val else None
 

@@ -85,6 +85,7 @@ def choose_augment(config: TrainConfig, data: PreparedData) -> BatchAugment | No
         crop_padding=config.crop_padding if "crop" in kind else 0,
         flip="flip" in kind,
         pad_mode=config.pad_mode,
+        alternate_flip=config.alternate_flip,
     )
 
 
@@ -96,19 +97,20 @@ def make_loader(
     device: torch.device,
     input_shape: tuple[int, int, int],
     augment: BatchAugment | None = None,
-    alternate_flip: bool = False,
     seed: int = 0,
     workers: int = 2,
     dist: DistInfo = SINGLE_PROCESS,
 ) -> InMemoryLoader | StreamingLoader:
-    """In-memory batches for decoded images, worker processes for files streamed from disk."""
-    common = dict(
-        train=train, alternate_flip=alternate_flip and train, seed=seed, rank=dist.rank, world_size=dist.world_size
-    )
+    """In-memory batches for decoded images, worker processes for files streamed from disk (which crop
+    and flip on their own, alternating the flips as ``augment`` says)."""
+    common = dict(train=train, seed=seed, rank=dist.rank, world_size=dist.world_size)
     try:
         if isinstance(split, ImageArray):
             return InMemoryLoader(split, batch_size, augment=augment if train else None, device=device, **common)
         c, h, _ = input_shape
-        return StreamingLoader(split, batch_size, image_size=h, channels=c, workers=workers, **common)
+        alternate = train and augment is not None and augment.alternate_flip
+        return StreamingLoader(
+            split, batch_size, image_size=h, channels=c, alternate_flip=alternate, workers=workers, **common
+        )
     except ValueError as err:
         raise UserError(f"--batch-size {batch_size}: {err}") from None
