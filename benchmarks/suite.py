@@ -7,6 +7,8 @@
   224x224, batch 128 and 256: the plain eager baseline (NCHW float32, eager, a per-image DataLoader)
   against resnetlab's training step in float32 (channels_last, in-memory batches) and in bfloat16
   mixed precision (labelled: a different precision), with the ratios and the achieved GFLOP/s.
+  A case whose float32 step needs more memory than the machine has (autograd's saved activations,
+  measured at batch 1 and 2) is reported as skipped rather than run into the out-of-memory killer.
 - **infer**: resnet50 latency at batch 1 and throughput at batch 32, resnet20 throughput at batch
   256: eager against resnetlab's inference paths (BN folded, channels_last; compiled by inductor;
   oneDNN Graph through TorchScript) and onnxruntime on the exported model.
@@ -33,7 +35,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import PerImageDataset, baseline_steps, matmul_peak, resnetlab_steps
+from common import (
+    PerImageDataset,
+    available_memory,
+    baseline_steps,
+    matmul_peak,
+    resnetlab_steps,
+    training_memory,
+)
 
 from resnetlab import TrainConfig, create_model
 from resnetlab.data import prepare_data
@@ -62,7 +71,9 @@ def section_peak() -> dict:
     return {"fp32_gflops": fp32, "bf16_gflops": bf16}
 
 
-def section_train(quick: bool, peak: dict, batches: list[int], batches_224: list[int]) -> list[dict]:
+def section_train(
+    quick: bool, peak: dict, batches: list[int], batches_224: list[int], max_memory: int | None
+) -> list[dict]:
     rows, out = [], []
     cases = TRAIN_CASES[:2] if quick else TRAIN_CASES
     for model_name, size in cases:
@@ -73,6 +84,17 @@ def section_train(quick: bool, peak: dict, batches: list[int], batches_224: list
             macs = summarize(create_model(model_name, num_classes=10), (3, size, size)).macs
             torch.manual_seed(0)
             model = create_model(model_name, num_classes=10, input_size=(size, size))
+            # A case that cannot fit in memory is reported as skipped, not left to the kernel's OOM
+            # killer, which would end the suite without a word (resnet50 at 224 px, batch 256: about
+            # 26 GiB by this estimate, on a machine with 24).
+            need = training_memory(model, size, batch)
+            free = max_memory if max_memory is not None else available_memory()
+            if free is not None and need > free:
+                word = "allowed" if max_memory is not None else "available"
+                reason = f"needs about {need / 2**30:.1f} GiB for a float32 step, {free / 2**30:.1f} GiB {word}"
+                out.append({"model": model_name, "size": size, "batch": batch, "macs": macs, "skipped": reason})
+                print(f"  {model_name} {size}px batch {batch}: skipped, {reason}", flush=True)
+                continue
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
             loader = torch.utils.data.DataLoader(
                 PerImageDataset(data.train, data.mean, data.std, pad=size // 8),
@@ -151,6 +173,9 @@ def section_train(quick: bool, peak: dict, batches: list[int], batches_224: list
         )
     )
     print("* bf16: mixed precision (a different precision from the baseline)")
+    for r in out:
+        if "skipped" in r:
+            print(f"skipped: {r['model']} at {r['size']} px, batch {r['batch']}: {r['skipped']}")
     return out
 
 
@@ -328,11 +353,20 @@ def main() -> None:
         default=[128, 256],
         help="training batches at 224x224 (a resnet50 step at batch 256 takes about a minute on 2 cores)",
     )
+    ap.add_argument(
+        "--max-memory",
+        type=float,
+        metavar="GIB",
+        help="skip training cases whose float32 step needs more memory than this (default: what is available)",
+    )
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.max_memory is not None and args.max_memory <= 0:
+        ap.error(f"--max-memory: must be a positive number of GiB, got {args.max_memory}")
+    max_memory = int(args.max_memory * 2**30) if args.max_memory else None  # None: what is available
     sections = args.sections.split(",")
     results: dict = {
         "machine": platform.processor() or platform.machine(),
@@ -341,7 +375,7 @@ def main() -> None:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     runs = {
-        "train": lambda: section_train(args.quick, results["peak"], args.batch_sizes, args.batch_sizes_224),
+        "train": lambda: section_train(args.quick, results["peak"], args.batch_sizes, args.batch_sizes_224, max_memory),
         "infer": lambda: section_infer(args.quick),
         "depth": lambda: section_depth(args.quick),
     }

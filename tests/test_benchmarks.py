@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -60,3 +61,50 @@ def test_train_throughput_writes_matching_json(tmp_path):
     median = {k: statistics.median(figures[f"{k}_img_per_s"]) for k in ("baseline", "resnetlab")}
     assert figures["ratio"] == pytest.approx(median["resnetlab"] / median["baseline"])
     assert f"ratio resnetlab / baseline: {figures['ratio']:.2f}x" in done.stdout
+
+
+def test_suite_skips_training_cases_that_do_not_fit_in_memory(tmp_path):
+    out = tmp_path / "suite.json"
+    done = bench("suite.py", "--quick", "--sections", "train", "--max-memory", "0.001", "--json", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["train"]
+    assert [(r["model"], r["batch"]) for r in rows] == [("resnet20", 128), ("resnet56", 128)]
+    for row in rows:
+        assert "img_per_s" not in json.dumps(row)  # nothing was timed
+        assert row["skipped"].startswith("needs about ") and row["skipped"].endswith(
+            "GiB for a float32 step, 0.0 GiB allowed"
+        )
+    assert "resnet20 32px batch 128: skipped, needs about" in done.stdout
+    assert "skipped: resnet56 at 32 px, batch 128: needs about" in done.stdout
+
+
+def test_suite_rejects_a_memory_limit_that_is_not_positive():
+    done = bench("suite.py", "--sections", "train", "--max-memory", "0")
+    assert done.returncode == 2
+    assert "--max-memory: must be a positive number of GiB, got 0.0" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_training_memory_extrapolates_the_saved_activations_exactly():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from common import saved_bytes, training_memory
+    finally:
+        sys.path.remove(str(BENCH))
+    from torch import nn
+
+    from resnetlab import create_model
+
+    # conv saves its input (2*3*8*8 floats) and weight (8*3*3*3); ReLU saves its output (2*8*8*8)
+    tiny = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU())
+    assert saved_bytes(tiny, torch.randn(2, 3, 8, 8)) == 4 * (2 * 3 * 8 * 8 + 8 * 3 * 3 * 3 + 2 * 8 * 8 * 8)
+
+    # a tensor saved twice (x * x saves both factors) is one allocation
+    class Square(nn.Module):
+        def forward(self, x):
+            return x * x
+
+    assert saved_bytes(Square(), torch.randn(2, 3, 8, 8, requires_grad=True)) == 4 * 2 * 3 * 8 * 8
+    # activations grow linearly with the batch, so batches 1 and 2 predict batch 5 to the byte
+    model = create_model("resnet20", num_classes=10)
+    assert training_memory(model, 32, 5) == int(1.25 * saved_bytes(model, torch.randn(5, 3, 32, 32)))

@@ -29,7 +29,7 @@ FLAGS = {
         "--data": DATA,
         "--val-fraction": BAD_VALUES + ["0.2"],
         "--optimizer": ["sgd", "adam", "x"],
-        "--schedule": ["cosine", "step", "linear"],
+        "--schedule": ["cosine", "step", "linear", "exp"],
         "--milestones": ["0.5", "2", "x"],
         "--amp": ["none", "fp16", "x"],
         "--device": ["cpu", "cuda", "tpu", "auto"],

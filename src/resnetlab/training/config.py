@@ -84,10 +84,10 @@ class TrainConfig:
     nesterov: bool = knob(True, "Nesterov momentum for SGD")
     weight_decay: float = knob(5e-4, "L2 weight decay (decoupled for AdamW)")
     decay_norm_and_bias: bool = knob(False, "also decay normalisation weights and biases")
-    schedule: Literal["cosine", "step", "onecycle", "constant"] = knob(
-        "cosine", "learning-rate schedule, stepped every iteration"
+    schedule: Literal["cosine", "linear", "step", "onecycle", "constant"] = knob(
+        "cosine", "learning-rate schedule, stepped every iteration (linear: straight down to 0)"
     )
-    warmup_epochs: float = knob(1.0, "linear warm-up from 0 (cosine, step, constant)")
+    warmup_epochs: float = knob(1.0, "linear warm-up from 0 (cosine, linear, step, constant)")
     milestones: list[float] = knob(
         [0.5, 0.75], "step schedule: fractions of training at which the rate is divided by 10"
     )

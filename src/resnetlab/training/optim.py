@@ -41,8 +41,12 @@ def lr_factor(step: int, total: int, warmup: int, config: TrainConfig) -> float:
     if config.schedule == "step":
         # He et al. 2015 divide by 10 at 32k and 48k of 64k iterations: milestones 0.5 and 0.75.
         return 0.1 ** sum(step >= m * total for m in config.milestones)
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if config.schedule == "linear":
+        # Straight to zero: for a fixed budget of steps, a linear decay matches or beats cosine
+        # (Li et al. 2020, "Budgeted training"; Defazio et al. 2023, "When, why and how much?").
+        return 1.0 - progress
+    return 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def make_scheduler(
