@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from resnetlab.data import ImageArray
+from resnetlab.summary import saved_activation_bytes
 from resnetlab.training.engine import Trainer
 
 
@@ -70,29 +71,13 @@ def resnetlab_steps(trainer: Trainer, steps: int, epoch: int) -> float:
     return time.perf_counter() - t0
 
 
-def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes that autograd keeps for the backward pass of one training forward of ``model`` on ``x``
-    (each storage counted once: a tensor saved by two operations is one allocation)."""
-    seen: dict[tuple, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        seen[(storage.data_ptr(), t.device)] = storage.nbytes()
-        return t
-
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(seen.values())
-
-
 def training_memory(model: nn.Module, size: int, batch: int) -> int:
     """Bytes a float32 training step of ``model`` on ``batch`` images of ``size`` x ``size`` needs:
     the activations saved for backward, measured at batch 1 and 2 and extrapolated (they grow
     linearly with the batch), with a quarter on top for the gradients that backward holds at once.
     On this project's machine the figure was 15-17% above the peak resident memory of real float32
     steps (resnet18 at batch 64 and resnet50 at batch 32, 224 px): a slightly cautious estimate."""
-    one, two = (saved_bytes(model, torch.randn(b, 3, size, size)) for b in (1, 2))
+    one, two = (saved_activation_bytes(model, torch.randn(b, 3, size, size)) for b in (1, 2))
     return int(1.25 * (one + (two - one) * (batch - 1)))
 
 

@@ -87,9 +87,8 @@ def section_train(
             # A case that cannot fit in memory is reported as skipped, not left to the kernel's OOM
             # killer, which would end the suite without a word (resnet50 at 224 px, batch 256: about
             # 26 GiB by this estimate, on a machine with 24).
-            need = training_memory(model, size, batch)
             free = max_memory if max_memory is not None else available_memory()
-            if free is not None and need > free:
+            if free is not None and (need := training_memory(model, size, batch)) > free:
                 word = "allowed" if max_memory is not None else "available"
                 reason = f"needs about {need / 2**30:.1f} GiB for a float32 step, {free / 2**30:.1f} GiB {word}"
                 out.append({"model": model_name, "size": size, "batch": batch, "macs": macs, "skipped": reason})
@@ -366,7 +365,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.max_memory is not None and args.max_memory <= 0:
         ap.error(f"--max-memory: must be a positive number of GiB, got {args.max_memory}")
-    max_memory = int(args.max_memory * 2**30) if args.max_memory else None  # None: what is available
+    max_memory = None if args.max_memory is None else int(args.max_memory * 2**30)  # None: what is available
     sections = args.sections.split(",")
     results: dict = {
         "machine": platform.processor() or platform.machine(),

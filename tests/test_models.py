@@ -8,6 +8,7 @@ from torch import nn
 from resnetlab import ResidualMLP, UnknownModelError, create_model, list_models
 from resnetlab.blocks import PadShortcut
 from resnetlab.models import cifar_resnet, model_entry, preact_cifar_resnet
+from resnetlab.summary import saved_activation_bytes
 
 # torchvision's counts for the ImageNet models; the ResNet paper's 0.27M ... 19.4M for CIFAR.
 PARAMS = {
@@ -234,29 +235,15 @@ def test_grad_checkpointing_gives_the_same_outputs_gradients_and_bn_statistics(n
         torch.testing.assert_close(va, vb, msg=key)
 
 
-def _saved_bytes_in_forward(model, x) -> int:
-    """Bytes of the tensors autograd keeps for the backward pass after one forward."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return total
-
-
 def test_grad_checkpointing_stores_a_fraction_of_the_activations():
     torch.manual_seed(0)
     model = create_model("resnet110")  # 18 blocks per stage: segments of 4 (round(sqrt(18)))
     x = torch.randn(4, 3, 32, 32)
-    full = _saved_bytes_in_forward(model, x)
+    full = saved_activation_bytes(model, x)
     model.set_grad_checkpointing()
-    sqrt_segments = _saved_bytes_in_forward(model, x)
+    sqrt_segments = saved_activation_bytes(model, x)
     model.set_grad_checkpointing(blocks_per_segment=1)
-    per_block = _saved_bytes_in_forward(model, x)
+    per_block = saved_activation_bytes(model, x)
     assert sqrt_segments < per_block < full / 4
 
 

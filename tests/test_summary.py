@@ -1,7 +1,9 @@
 import pytest
+import torch
+from torch import nn
 
 from resnetlab import create_model
-from resnetlab.summary import format_count, summarize
+from resnetlab.summary import format_count, saved_activation_bytes, summarize
 
 
 def test_resnet50_summary_matches_torchvisions_figures():
@@ -50,3 +52,16 @@ def test_summary_rejects_wrong_channels():
 )
 def test_format_count(n, text):
     assert format_count(n) == text
+
+
+def test_saved_activation_bytes_counts_each_saved_storage_once():
+    # conv saves its input (2*3*8*8 floats) and weight (8*3*3*3); ReLU saves its output (2*8*8*8)
+    tiny = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU())
+    assert saved_activation_bytes(tiny, torch.randn(2, 3, 8, 8)) == 4 * (2 * 3 * 8 * 8 + 8 * 3 * 3 * 3 + 2 * 8 * 8 * 8)
+
+    # a tensor saved twice (x * x saves both factors) is one allocation
+    class Square(nn.Module):
+        def forward(self, x):
+            return x * x
+
+    assert saved_activation_bytes(Square(), torch.randn(2, 3, 8, 8, requires_grad=True)) == 4 * 2 * 3 * 8 * 8

@@ -129,3 +129,20 @@ def summarize(model: Classifier, input_size: Sequence[int] | None = None, name: 
     summary.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     summary.macs = flops_at["head"] // 2
     return summary
+
+
+def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes that autograd keeps for the backward pass after one training-mode forward of ``model``
+    on ``x``: the activation memory of a training step, less the transient gradients. Each storage
+    counts once (a tensor saved by two operations is one allocation). Runs ``model.train()``."""
+    seen: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[(storage.data_ptr(), t.device)] = storage.nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(seen.values())
