@@ -85,12 +85,10 @@ def test_suite_rejects_a_memory_limit_that_is_not_positive():
     assert "Traceback" not in done.stderr
 
 
-def test_training_memory_extrapolates_the_saved_activations_exactly():
-    sys.path.insert(0, str(BENCH))
-    try:
-        from common import training_memory
-    finally:
-        sys.path.remove(str(BENCH))
+def test_training_memory_extrapolates_the_saved_activations_exactly(monkeypatch):
+    monkeypatch.syspath_prepend(BENCH)
+    from common import training_memory
+
     from resnetlab import create_model
     from resnetlab.summary import saved_activation_bytes
 

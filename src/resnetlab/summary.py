@@ -133,8 +133,10 @@ def summarize(model: Classifier, input_size: Sequence[int] | None = None, name: 
 
 def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes that autograd keeps for the backward pass after one training-mode forward of ``model``
-    on ``x``: the activation memory of a training step, less the transient gradients. Each storage
-    counts once (a tensor saved by two operations is one allocation). Runs ``model.train()``."""
+    on ``x``: the activation memory of a training step, less the transient gradients, plus the
+    parameters that layers save (a convolution saves its weight; the difference between two batch
+    sizes cancels them). Each storage counts once (a tensor saved by two operations is one
+    allocation). Runs ``model.train()``."""
     seen: dict[tuple, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
