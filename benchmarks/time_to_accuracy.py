@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -55,7 +56,10 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/cifar10-jpeg-train.tar.gz")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("runs/time-to-accuracy"))
-    ap.add_argument("--extra", nargs="*", default=[], help="more resnetlab train flags, e.g. --epochs 40")
+    # One quoted string: argparse would take a bare "--epochs" after --extra for an option of its own.
+    ap.add_argument(
+        "--extra", type=shlex.split, default=[], help='more resnetlab train flags, quoted: --extra "--epochs 40"'
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -112,14 +116,14 @@ def main() -> None:
         f"{'final at':>9} {'img/s':>6}"
     )
     for r in rows:
-        reach = f"{r['reach_A_seconds'] / 60:.1f} min" if r["reach_A_seconds"] is not None else "never"
+        reach = f"{r['reach_A_seconds'] / 60:.2f} min" if r["reach_A_seconds"] is not None else "never"
         at3 = f"{r['acc_at_T_over_3']:.2f}" if r["acc_at_T_over_3"] is not None else "n/a"
         print(
             f"{r['seed']:>4} {r['epochs']:>6} {reach:>13} {at3:>10} {r['final_acc']:>9.2f} "
-            f"{r['final_seconds'] / 60:>7.1f} m {r['mean_img_per_s']:>6.0f}"
+            f"{r['final_seconds'] / 60:>7.2f} m {r['mean_img_per_s']:>6.0f}"
         )
     reached = [r["reach_A_seconds"] for r in rows]
-    print(f"\nA = {target:.2f}%, T = {t_ref / 60:.1f} min, T/3 = {t_ref / 180:.1f} min")
+    print(f"\nA = {target:.2f}%, T = {t_ref / 60:.1f} min, T/3 = {t_ref / 180:.2f} min ({t_ref / 3:.1f} s)")
     print(
         f"time to A (min): {mean_std([s / 60 for s in reached if s is not None])} "
         f"({sum(s is not None for s in reached)}"

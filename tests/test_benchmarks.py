@@ -95,3 +95,23 @@ def test_training_memory_extrapolates_the_saved_activations_exactly(monkeypatch)
     # activations grow linearly with the batch, so batches 1 and 2 predict batch 5 to the byte
     model = create_model("resnet20", num_classes=10)
     assert training_memory(model, 32, 5) == int(1.25 * saved_activation_bytes(model, torch.randn(5, 3, 32, 32)))
+
+
+def test_time_to_accuracy_passes_the_extra_flags_to_each_run(tmp_path):
+    reference = tmp_path / "reference.jsonl"
+    reference.write_text('{"epoch": 1, "wall_minutes": 60.0, "val_acc": 101.0}\n')
+    config = tmp_path / "tiny.toml"
+    config.write_text('model = "residual_mlp"\nepochs = 5\nbatch_size = 64\nlr = 0.05\n')
+    out, summary = tmp_path / "runs", tmp_path / "t.json"
+    done = bench(
+        "time_to_accuracy.py", "--reference", str(reference), "--config", str(config), "--data", "digits",
+        "--seeds", "0", "1", "--out", str(out), "--extra", "--epochs 2 --eval-every 2", "--json", str(summary),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for seed in (0, 1):
+        hist = [json.loads(line) for line in (out / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+        assert [h["epoch"] for h in hist] == [1, 2] and hist[0]["val_acc"] is None and hist[1]["val_acc"] > 0
+    figures = json.loads(summary.read_text())
+    assert figures["A"] == 101.0 and figures["T_seconds"] == 3600.0
+    assert [(r["seed"], r["epochs"], r["reach_A_seconds"]) for r in figures["runs"]] == [(0, 2, None), (1, 2, None)]
+    assert "(0/2 seeds reach it)" in done.stdout and "T/3 = 20.00 min (1200.0 s)" in done.stdout

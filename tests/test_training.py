@@ -58,6 +58,15 @@ def test_toml_round_trip_documents_every_field(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml")), ids=lambda p: p.name
+)
+def test_the_shipped_recipes_load_and_validate(path):
+    config = TrainConfig(**load_toml(path))
+    config.validate()
+    assert config.model == "resnet20"  # both recipes train the paper's network, unchanged
+
+
+@pytest.mark.parametrize(
     "content, message",
     [
         ("lrr = 0.1\n", "unknown setting 'lrr'"),
