@@ -63,9 +63,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
+    if not args.reference.is_file():
+        sys.exit(f"--reference {args.reference}: no such file")
     ref = read_jsonl(args.reference)
     if not ref:
-        sys.exit(f"{args.reference}: no epochs")
+        sys.exit(f"--reference {args.reference}: no epochs")
     target, t_ref = ref[-1]["val_acc"], 60 * ref[-1]["wall_minutes"]
     print(f"reference: {len(ref)} epochs, final validation accuracy A = {target:.2f}% after T = {t_ref / 60:.1f} min")
 
@@ -93,7 +95,8 @@ def main() -> None:
             if (run / "config.toml").is_file():
                 cmd = [sys.executable, "-m", "resnetlab", "train", "--resume", str(run), "--no-progress"]
             print("+", " ".join(cmd), flush=True)
-            subprocess.run(cmd, check=True)
+            if subprocess.run(cmd).returncode != 0:  # resnetlab has printed why
+                sys.exit(f"seed {seed}: resnetlab train failed; run folder {run}")
             (run / "process_seconds.txt").write_text(f"{time.monotonic() - t0:.1f}\n")
         runs[seed] = read_jsonl(run / "metrics.jsonl")
 

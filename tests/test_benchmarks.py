@@ -115,3 +115,17 @@ def test_time_to_accuracy_passes_the_extra_flags_to_each_run(tmp_path):
     assert figures["A"] == 101.0 and figures["T_seconds"] == 3600.0
     assert [(r["seed"], r["epochs"], r["reach_A_seconds"]) for r in figures["runs"]] == [(0, 2, None), (1, 2, None)]
     assert "(0/2 seeds reach it)" in done.stdout and "T/3 = 20.00 min (1200.0 s)" in done.stdout
+
+
+def test_time_to_accuracy_names_a_missing_reference_and_a_failed_run(tmp_path):
+    done = bench("time_to_accuracy.py", "--reference", str(tmp_path / "none.jsonl"))
+    assert done.returncode == 1 and f"--reference {tmp_path / 'none.jsonl'}: no such file" in done.stderr
+    reference = tmp_path / "reference.jsonl"
+    reference.write_text('{"epoch": 1, "wall_minutes": 1.0, "val_acc": 50.0}\n')
+    out = tmp_path / "runs"
+    done = bench("time_to_accuracy.py", "--reference", str(reference), "--data", "digits", "--seeds", "0",
+                 "--out", str(out), "--extra", "--epochs x")  # fmt: skip
+    assert done.returncode == 1
+    assert "argument --epochs: invalid int value: 'x'" in done.stderr
+    assert f"seed 0: resnetlab train failed; run folder {out / 'seed0'}" in done.stderr
+    assert "Traceback" not in done.stderr
