@@ -129,3 +129,47 @@ def test_time_to_accuracy_names_a_missing_reference_and_a_failed_run(tmp_path):
     assert "argument --epochs: invalid int value: 'x'" in done.stderr
     assert f"seed 0: resnetlab train failed; run folder {out / 'seed0'}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_step_profile_groups_operators_by_kind_of_work(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from step_profile import OTHER, group_of
+
+    assert group_of("aten::convolution_backward") == "convolution backward"
+    assert group_of("aten::mkldnn_convolution") == "convolution forward"
+    assert group_of("aten::native_batch_norm_backward") == "batch norm"
+    assert group_of("aten::threshold_backward") == "ReLU"
+    assert group_of("aten::clamp_min_") == "ReLU"
+    assert group_of("## Call CompiledFxGraph fe4ctcz6 ##") == "fused by --compile"
+    assert group_of("Optimizer.step#SGD.step") == "optimiser, gradient norm"
+    assert group_of("aten::_foreach_add_") == "optimiser, gradient norm"
+    assert group_of("aten::add_") == "other element-wise (adds, casts, copies)"
+    assert group_of("aten::addmm") == OTHER  # the classifier's matrix product is not an element-wise add
+    assert group_of("aten::gather") == OTHER
+
+
+def test_step_profile_accounts_for_the_whole_step(tmp_path):
+    out = tmp_path / "profile.json"
+    done = bench(
+        "step_profile.py",
+        "--batch-size",
+        "16",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--amp",
+        "bf16",
+        "--channels-last",
+        "--json",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["flags"] == ["channels_last", "bf16"] and figures["steps"] == 2
+    ms = figures["ms_per_step"]
+    assert min(ms["convolution forward"], ms["convolution backward"], ms["batch norm"], ms["ReLU"]) > 0
+    assert ms["fused by --compile"] == 0  # not compiled
+    # the groups and the time outside operators add up to the measured step (up to rounding)
+    assert sum(ms.values()) == pytest.approx(figures["step_ms"], rel=0.02)
+    assert f"{figures['step_ms']:.1f} ms per step" in done.stdout

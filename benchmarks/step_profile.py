@@ -1,0 +1,135 @@
+"""Where a training step's time goes: resnetlab's step under torch.profiler, grouped by kind of work.
+
+Runs resnetlab's training step (the ``Trainer`` of ``resnetlab train``, in-memory batches) for a few
+warm-up steps, then profiles ``--steps`` more and sums each operator's *self* time (time not spent in
+the operators it calls) into groups: convolution forward and backward, batch norm, ReLU, the other
+element-wise work (residual adds, casts, copies), kernels that ``--compile`` fused, the optimiser
+and the rest. It answers the question behind a throughput figure: how much of the step an
+optimisation can still reach (removing all batch-norm time, say, bounds what a faster batch norm buys).
+
+    python benchmarks/step_profile.py --model resnet20 --batch-size 128 --channels-last --amp bf16
+
+The profiler adds a little overhead, so the images/s printed under it are for orientation; throughput
+figures come from ``train_throughput.py`` and ``suite.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import time
+from pathlib import Path
+
+import torch
+from common import resnetlab_steps  # benchmarks/common.py, beside this script
+from torch.profiler import ProfilerActivity, profile
+
+from resnetlab import TrainConfig
+from resnetlab.data import prepare_data
+from resnetlab.training.distributed import SINGLE_PROCESS
+from resnetlab.training.engine import Trainer
+
+# An operator counts towards the first group whose pattern it matches (re.search on its name).
+GROUPS: tuple[tuple[str, str], ...] = (
+    ("convolution backward", r"convolution_backward"),
+    ("convolution forward", r"convolution|conv2d"),
+    ("batch norm", r"batch_norm"),
+    ("ReLU", r"threshold_backward|relu|clamp_min"),
+    ("fused by --compile", r"CompiledFxGraph"),
+    ("optimiser, gradient norm", r"^Optimizer\.|_foreach|vector_norm|AccumulateGrad"),
+    ("other element-wise (adds, casts, copies)", r"^aten::(add|add_|mul|mul_|copy_|_to_copy|fill_)$"),
+)
+OTHER = "other operators"
+
+
+def group_of(name: str) -> str:
+    """The group an operator's self time counts towards."""
+    for group, pattern in GROUPS:
+        if re.search(pattern, name):
+            return group
+    return OTHER
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="synthetic:3x32x32:10:5120", help="resnetlab --data value")
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=20, help="profiled steps")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps before profiling")
+    ap.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 mixed precision")
+    ap.add_argument("--top", type=int, default=8, help="also list this many single operators")
+    ap.add_argument("--json", type=Path, help="write the figures to this file")
+    args = ap.parse_args()
+
+    data = prepare_data(args.data, val_fraction=0.1)
+    config = TrainConfig(
+        model=args.model,
+        data=args.data,
+        batch_size=args.batch_size,
+        epochs=1,
+        lr=0.05,
+        augment="crop+flip",
+        channels_last=args.channels_last,
+        compile=args.compile,
+        amp=args.amp,
+        device="cpu",
+    )
+    trainer = Trainer(config, torch.device("cpu"), SINGLE_PROCESS, data=data)
+    warmup = resnetlab_steps(trainer, args.warmup, 0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        resnetlab_steps(trainer, args.steps, 1)
+        wall = time.perf_counter() - t0
+
+    ms_per_step: dict[str, float] = {g: 0.0 for g, _ in GROUPS} | {OTHER: 0.0}
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    for e in ops:
+        ms_per_step[group_of(e.key)] += e.self_cpu_time_total / 1e3 / args.steps
+    step_ms = wall * 1e3 / args.steps
+    ms_per_step["outside operators (Python, waiting)"] = max(0.0, step_ms - sum(ms_per_step.values()))
+
+    flags = [
+        f
+        for f, on in (("channels_last", args.channels_last), ("bf16", args.amp == "bf16"), ("compile", args.compile))
+        if on
+    ]
+    print(
+        f"{args.model}, batch {args.batch_size}, {'+'.join(flags) or 'float32 NCHW'}: {step_ms:.1f} ms per step "
+        f"under the profiler ({args.batch_size / step_ms * 1e3:.0f} img/s), {args.steps} steps after "
+        f"{args.warmup} warm-up steps ({warmup:.1f} s)"
+    )
+    width = max(len(g) for g in ms_per_step)
+    print(f"{'group':<{width}} {'ms/step':>8} {'share':>6}")
+    for g, ms in sorted(ms_per_step.items(), key=lambda kv: -kv[1]):
+        print(f"{g:<{width}} {ms:>8.1f} {ms / step_ms:>6.1%}")
+    print("\nlargest single operators (self time):")
+    for e in ops[: args.top]:
+        ms = e.self_cpu_time_total / 1e3 / args.steps
+        print(f"  {e.key[:60]:<60} {ms:>7.1f} ms/step {e.count // args.steps:>4} calls/step")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "batch_size": args.batch_size,
+                    "flags": flags,
+                    "steps": args.steps,
+                    "step_ms": step_ms,
+                    "warmup_seconds": warmup,
+                    "ms_per_step": ms_per_step,
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "machine": platform.processor(),
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
