@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from resnetlab.data import ImageArray
+from resnetlab.errors import UserError
 from resnetlab.summary import saved_activation_bytes
 from resnetlab.training.engine import Trainer
 
@@ -104,3 +109,28 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
         a @ b
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer no smaller than ``minimum``, else a message naming the flag."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def run_script(main: Callable[[], None]) -> None:
+    """Run a benchmark's ``main``; a user mistake resnetlab reports (an unknown model or data set, a
+    bad value) ends the script with its message and exit status 2, as ``resnetlab`` does, not a traceback."""
+    try:
+        main()
+    except UserError as err:
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import resnetlab_steps  # benchmarks/common.py, beside this script
+from common import at_least, resnetlab_steps, run_script  # benchmarks/common.py, beside this script
 from torch.profiler import ProfilerActivity, profile
 
 from resnetlab import TrainConfig
@@ -56,13 +56,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="synthetic:3x32x32:10:5120", help="resnetlab --data value")
     ap.add_argument("--model", default="resnet20")
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=20, help="profiled steps")
-    ap.add_argument("--warmup", type=int, default=5, help="untimed steps before profiling")
+    ap.add_argument("--batch-size", type=at_least(1), default=128)
+    ap.add_argument("--steps", type=at_least(1), default=20, help="profiled steps")
+    ap.add_argument("--warmup", type=at_least(1), default=5, help="untimed steps before profiling")
     ap.add_argument("--channels-last", action="store_true", help="NHWC memory format")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 mixed precision")
-    ap.add_argument("--top", type=int, default=8, help="also list this many single operators")
+    ap.add_argument("--top", type=at_least(0), default=8, help="also list this many single operators")
     ap.add_argument("--json", type=Path, help="write the figures to this file")
     args = ap.parse_args()
 
@@ -132,4 +132,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

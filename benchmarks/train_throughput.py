@@ -24,7 +24,13 @@ import statistics
 from pathlib import Path
 
 import torch
-from common import PerImageDataset, baseline_steps, resnetlab_steps  # benchmarks/common.py, beside this script
+from common import (  # benchmarks/common.py, beside this script
+    PerImageDataset,
+    at_least,
+    baseline_steps,
+    resnetlab_steps,
+    run_script,
+)
 
 from resnetlab import TrainConfig, create_model
 from resnetlab.data import prepare_data
@@ -36,15 +42,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="synthetic:3x32x32:10:5120", help="resnetlab --data value")
     ap.add_argument("--model", default="resnet20")
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=40, help="timed steps per round")
-    ap.add_argument("--warmup", type=int, default=5, help="untimed steps before the first round")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=0, help="baseline DataLoader workers")
+    ap.add_argument("--batch-size", type=at_least(1), default=128)
+    ap.add_argument("--steps", type=at_least(1), default=40, help="timed steps per round")
+    ap.add_argument("--warmup", type=at_least(1), default=5, help="untimed steps before the first round")
+    ap.add_argument("--rounds", type=at_least(1), default=3)
+    ap.add_argument("--workers", type=at_least(0), default=0, help="baseline DataLoader workers")
     ap.add_argument("--channels-last", action="store_true", help="resnetlab: NHWC memory format")
     ap.add_argument("--compile", action="store_true", help="resnetlab: torch.compile")
     ap.add_argument("--amp", choices=["none", "bf16"], default="none", help="resnetlab: bf16 mixed precision")
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=at_least(0), default=0)
     ap.add_argument("--json", type=Path, help="write the figures to this file")
     args = ap.parse_args()
     if args.threads:
@@ -126,4 +132,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

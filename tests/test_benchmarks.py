@@ -173,3 +173,19 @@ def test_step_profile_accounts_for_the_whole_step(tmp_path):
     # the groups and the time outside operators add up to the measured step (up to rounding)
     assert sum(ms.values()) == pytest.approx(figures["step_ms"], rel=0.02)
     assert f"{figures['step_ms']:.1f} ms per step" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "message"),
+    [
+        ("step_profile.py", ["--model", "resnet21"], "step_profile.py: error: --model resnet21: unknown model"),
+        ("step_profile.py", ["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+        ("train_throughput.py", ["--data", "missing.tar"], "train_throughput.py: error: --data 'missing.tar': no such"),
+        ("train_throughput.py", ["--rounds", "two"], "argument --rounds: expected an integer, got 'two'"),
+    ],
+)
+def test_training_benchmarks_name_a_bad_flag_without_a_traceback(script, argv, message):
+    done = bench(script, *argv)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
