@@ -6,7 +6,8 @@
 - **train**: training images/s on synthetic data for resnet20/56/110 at 32x32 and resnet18/50 at
   224x224, batch 128 and 256: the plain eager baseline (NCHW float32, eager, a per-image DataLoader)
   against resnetlab's training step in float32 (channels_last, in-memory batches) and in bfloat16
-  mixed precision (labelled: a different precision), with the ratios and the achieved GFLOP/s.
+  mixed precision (labelled: a different precision), eager and compiled by ``torch.compile``, with
+  the ratios and the achieved GFLOP/s.
   A case whose float32 step needs more memory than the machine has (autograd's saved activations,
   measured at batch 1 and 2) is reported as skipped rather than run into the out-of-memory killer.
 - **infer**: resnet50 latency at batch 1 and throughput at batch 32, resnet20 throughput at batch
@@ -51,6 +52,13 @@ from resnetlab.summary import summarize
 from resnetlab.training.distributed import SINGLE_PROCESS
 from resnetlab.training.engine import Trainer
 
+# resnetlab's training paths in the suite: (label, --amp, --compile). All use channels_last and
+# in-memory batches. Compiling fuses the batch-norm, ReLU and add work around the convolutions.
+TRAIN_PATHS = (
+    ("resnetlab_fp32", "none", False),
+    ("resnetlab_bf16", "bf16", False),
+    ("resnetlab_bf16_compiled", "bf16", True),
+)
 TRAIN_CASES = [("resnet20", 32), ("resnet56", 32), ("resnet110", 32), ("resnet18", 224), ("resnet50", 224)]
 
 
@@ -103,7 +111,7 @@ def section_train(
             )
             result = {"model": model_name, "size": size, "batch": batch, "macs": macs}
             trainers = {}
-            for label, amp in (("resnetlab_fp32", "none"), ("resnetlab_bf16", "bf16")):
+            for label, amp, compile_ in TRAIN_PATHS:
                 config = TrainConfig(
                     model=model_name,
                     batch_size=batch,
@@ -113,6 +121,7 @@ def section_train(
                     crop_padding=size // 8,
                     channels_last=True,
                     amp=amp,
+                    compile=compile_,
                     device="cpu",
                 )
                 trainers[label] = Trainer(config, torch.device("cpu"), SINGLE_PROCESS, data=data)
@@ -129,7 +138,7 @@ def section_train(
             result["rounds_img_per_s"] = rounds
             result.update({f"{k}_img_per_s": v for k, v in rate.items()})
             result["warmup_seconds"] = warm
-            for k in ("resnetlab_fp32", "resnetlab_bf16"):
+            for k, _, _ in TRAIN_PATHS:
                 result[f"{k}_ratio"] = rate[k] / rate["baseline"]
             gflops = {k: 6 * macs * v / 1e9 for k, v in rate.items()}  # forward + backward = 3x, 2 FLOPs per MAC
             result["gflops"] = gflops
@@ -144,13 +153,16 @@ def section_train(
                     f"{result['resnetlab_fp32_ratio']:.2f}x",
                     f"{rate['resnetlab_bf16']:.0f}",
                     f"{result['resnetlab_bf16_ratio']:.2f}x",
+                    f"{rate['resnetlab_bf16_compiled']:.0f}",
+                    f"{result['resnetlab_bf16_compiled_ratio']:.2f}x",
                     f"{gflops['resnetlab_fp32']:.0f} ({100 * gflops['resnetlab_fp32'] / peak['fp32_gflops']:.0f}%)",
                     f"{gflops['resnetlab_bf16']:.0f} ({100 * gflops['resnetlab_bf16'] / peak['bf16_gflops']:.0f}%)",
                 ]
             )
             print(
                 f"  {model_name} {size}px batch {batch}: baseline {rate['baseline']:.0f}, "
-                f"fp32 {rate['resnetlab_fp32']:.0f}, bf16 {rate['resnetlab_bf16']:.0f} img/s",
+                f"fp32 {rate['resnetlab_fp32']:.0f}, bf16 {rate['resnetlab_bf16']:.0f}, "
+                f"bf16 compiled {rate['resnetlab_bf16_compiled']:.0f} img/s",
                 flush=True,
             )
     print("\nTraining throughput (images/s; baseline = eager NCHW float32 with a per-image DataLoader)")
@@ -165,13 +177,18 @@ def section_train(
                 "ratio",
                 "resnetlab bf16*",
                 "ratio",
+                "bf16* compiled",
+                "ratio",
                 "fp32 GFLOP/s (% peak)",
                 "bf16 GFLOP/s (% peak)",
             ],
             rows,
         )
     )
-    print("* bf16: mixed precision (a different precision from the baseline)")
+    print(
+        "* bf16: mixed precision (a different precision from the baseline); compiled: torch.compile (inductor), "
+        "its compilation inside the warm-up time of the JSON"
+    )
     for r in out:
         if "skipped" in r:
             print(f"skipped: {r['model']} at {r['size']} px, batch {r['batch']}: {r['skipped']}")

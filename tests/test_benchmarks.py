@@ -30,9 +30,9 @@ def test_suite_quick_train_and_infer(tmp_path):
     assert [(r["model"], r["batch"]) for r in results["train"]] == [("resnet20", 128), ("resnet56", 128)]
     for row in results["train"]:
         rounds = row["rounds_img_per_s"]
-        assert set(rounds) == {"baseline", "resnetlab_fp32", "resnetlab_bf16"}
+        assert set(rounds) == {"baseline", "resnetlab_fp32", "resnetlab_bf16", "resnetlab_bf16_compiled"}
         assert all(len(v) == 3 and min(v) > 0 for v in rounds.values())
-        for path in ("resnetlab_fp32", "resnetlab_bf16"):
+        for path in ("resnetlab_fp32", "resnetlab_bf16", "resnetlab_bf16_compiled"):
             assert row[f"{path}_ratio"] == pytest.approx(row[f"{path}_img_per_s"] / row["baseline_img_per_s"])
     (infer,) = results["infer"]
     assert (infer["model"], infer["batch"]) == ("resnet20", 256)
