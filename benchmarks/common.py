@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resnetlab.data import ImageArray
+from resnetlab import TrainConfig
+from resnetlab.data import ImageArray, PreparedData
 from resnetlab.errors import UserError
 from resnetlab.summary import saved_activation_bytes
+from resnetlab.training.distributed import SINGLE_PROCESS
 from resnetlab.training.engine import Trainer
 
 
@@ -134,3 +136,36 @@ def run_script(main: Callable[[], None]) -> None:
     except UserError as err:
         print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def add_step_flags(ap: argparse.ArgumentParser) -> None:
+    """The flags that choose the training step a benchmark runs: data, model, batch and resnetlab's path."""
+    ap.add_argument("--data", default="synthetic:3x32x32:10:5120", help="resnetlab --data value")
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--batch-size", type=at_least(1), default=128)
+    ap.add_argument("--channels-last", action="store_true", help="resnetlab: NHWC memory format")
+    ap.add_argument("--compile", action="store_true", help="resnetlab: torch.compile the model")
+    ap.add_argument("--amp", choices=["none", "bf16"], default="none", help="resnetlab: bf16 mixed precision")
+
+
+def step_flags(args: argparse.Namespace) -> list[str]:
+    """resnetlab's options that ``args`` turns on, in a fixed order (channels_last, compile, bf16)."""
+    on = (("channels_last", args.channels_last), ("compile", args.compile), ("bf16", args.amp == "bf16"))
+    return [name for name, used in on if used]
+
+
+def step_trainer(args: argparse.Namespace, data: PreparedData) -> Trainer:
+    """The ``Trainer`` of ``resnetlab train`` for the flags of :func:`add_step_flags` (CPU, one process)."""
+    config = TrainConfig(
+        model=args.model,
+        data=args.data,
+        batch_size=args.batch_size,
+        epochs=1,
+        lr=0.05,
+        augment="crop+flip",
+        channels_last=args.channels_last,
+        compile=args.compile,
+        amp=args.amp,
+        device="cpu",
+    )
+    return Trainer(config, torch.device("cpu"), SINGLE_PROCESS, data=data)

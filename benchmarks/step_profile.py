@@ -23,13 +23,17 @@ import time
 from pathlib import Path
 
 import torch
-from common import at_least, resnetlab_steps, run_script  # benchmarks/common.py, beside this script
+from common import (  # benchmarks/common.py, beside this script
+    add_step_flags,
+    at_least,
+    resnetlab_steps,
+    run_script,
+    step_flags,
+    step_trainer,
+)
 from torch.profiler import ProfilerActivity, profile
 
-from resnetlab import TrainConfig
 from resnetlab.data import prepare_data
-from resnetlab.training.distributed import SINGLE_PROCESS
-from resnetlab.training.engine import Trainer
 
 # An operator counts towards the first group whose pattern it matches (re.search on its name).
 GROUPS: tuple[tuple[str, str], ...] = (
@@ -54,32 +58,15 @@ def group_of(name: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="synthetic:3x32x32:10:5120", help="resnetlab --data value")
-    ap.add_argument("--model", default="resnet20")
-    ap.add_argument("--batch-size", type=at_least(1), default=128)
+    add_step_flags(ap)
     ap.add_argument("--steps", type=at_least(1), default=20, help="profiled steps")
     ap.add_argument("--warmup", type=at_least(1), default=5, help="untimed steps before profiling")
-    ap.add_argument("--channels-last", action="store_true", help="NHWC memory format")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
-    ap.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 mixed precision")
     ap.add_argument("--top", type=at_least(0), default=8, help="also list this many single operators")
     ap.add_argument("--json", type=Path, help="write the figures to this file")
     args = ap.parse_args()
 
     data = prepare_data(args.data, val_fraction=0.1)
-    config = TrainConfig(
-        model=args.model,
-        data=args.data,
-        batch_size=args.batch_size,
-        epochs=1,
-        lr=0.05,
-        augment="crop+flip",
-        channels_last=args.channels_last,
-        compile=args.compile,
-        amp=args.amp,
-        device="cpu",
-    )
-    trainer = Trainer(config, torch.device("cpu"), SINGLE_PROCESS, data=data)
+    trainer = step_trainer(args, data)
     warmup = resnetlab_steps(trainer, args.warmup, 0)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
@@ -93,11 +80,7 @@ def main() -> None:
     step_ms = wall * 1e3 / args.steps
     ms_per_step["outside operators (Python, waiting)"] = max(0.0, step_ms - sum(ms_per_step.values()))
 
-    flags = [
-        f
-        for f, on in (("channels_last", args.channels_last), ("bf16", args.amp == "bf16"), ("compile", args.compile))
-        if on
-    ]
+    flags = step_flags(args)
     print(
         f"{args.model}, batch {args.batch_size}, {'+'.join(flags) or 'float32 NCHW'}: {step_ms:.1f} ms per step "
         f"under the profiler ({args.batch_size / step_ms * 1e3:.0f} img/s), {args.steps} steps after "

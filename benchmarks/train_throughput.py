@@ -26,30 +26,26 @@ from pathlib import Path
 import torch
 from common import (  # benchmarks/common.py, beside this script
     PerImageDataset,
+    add_step_flags,
     at_least,
     baseline_steps,
     resnetlab_steps,
     run_script,
+    step_flags,
+    step_trainer,
 )
 
-from resnetlab import TrainConfig, create_model
+from resnetlab import create_model
 from resnetlab.data import prepare_data
-from resnetlab.training.distributed import SINGLE_PROCESS
-from resnetlab.training.engine import Trainer
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="synthetic:3x32x32:10:5120", help="resnetlab --data value")
-    ap.add_argument("--model", default="resnet20")
-    ap.add_argument("--batch-size", type=at_least(1), default=128)
+    add_step_flags(ap)
     ap.add_argument("--steps", type=at_least(1), default=40, help="timed steps per round")
     ap.add_argument("--warmup", type=at_least(1), default=5, help="untimed steps before the first round")
     ap.add_argument("--rounds", type=at_least(1), default=3)
     ap.add_argument("--workers", type=at_least(0), default=0, help="baseline DataLoader workers")
-    ap.add_argument("--channels-last", action="store_true", help="resnetlab: NHWC memory format")
-    ap.add_argument("--compile", action="store_true", help="resnetlab: torch.compile")
-    ap.add_argument("--amp", choices=["none", "bf16"], default="none", help="resnetlab: bf16 mixed precision")
     ap.add_argument("--threads", type=at_least(0), default=0)
     ap.add_argument("--json", type=Path, help="write the figures to this file")
     args = ap.parse_args()
@@ -58,19 +54,7 @@ def main() -> None:
 
     data = prepare_data(args.data, val_fraction=0.1)
     print(f"data {data.name}: {len(data.train)} training images {data.input_shape}; model {args.model}")
-    config = TrainConfig(
-        model=args.model,
-        data=args.data,
-        batch_size=args.batch_size,
-        epochs=1,
-        lr=0.05,
-        augment="crop+flip",
-        channels_last=args.channels_last,
-        compile=args.compile,
-        amp=args.amp,
-        device="cpu",
-    )
-    trainer = Trainer(config, torch.device("cpu"), SINGLE_PROCESS, data=data)
+    trainer = step_trainer(args, data)
     torch.manual_seed(0)
     c = data.input_shape[0]
     model = create_model(args.model, num_classes=len(data.classes), in_chans=c, input_size=data.input_shape[1:])
@@ -97,8 +81,7 @@ def main() -> None:
         )
 
     base, ours = statistics.median(rates["baseline"]), statistics.median(rates["resnetlab"])
-    flags = (("channels_last", args.channels_last), ("compile", args.compile), ("bf16", args.amp == "bf16"))
-    path = "+".join(p for p, on in flags if on)
+    path = "+".join(step_flags(args))
     print(f"\n{'pipeline':<44} {'img/s (median)':>15} {'warm-up s':>10}")
     print(f"{'baseline: eager NCHW, per-image DataLoader':<44} {base:>15.0f} {warm['baseline']:>10.1f}")
     print(
