@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import sys
 import time
@@ -98,6 +99,40 @@ def available_memory() -> int | None:
     except OSError:
         pass
     return None
+
+
+def machine_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
+    """What a figure was measured on: the CPU's model name and the matrix units it offers (from
+    ``/proc/cpuinfo``), the cores PyTorch uses and its kernel level. The project's machines have
+    changed between sessions (AVX-512 with AVX-512 BF16 only; later with AMX tiles, where oneDNN runs
+    bfloat16 convolutions on them), and the bfloat16 figures depend on which one ran them.
+    ``platform.processor()`` is empty on most Linux machines, so it is not used."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    units = [name for flag, name in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX BF16")) if flag in flags]
+    return {
+        "cpu": model,
+        "cpu_units": units,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+    }
+
+
+def describe_machine(info: dict) -> str:
+    """One line for a benchmark's printout: ``Intel(R) Xeon(R) Processor, 2 threads, AVX512 + AMX BF16``."""
+    units = " + ".join([info["cpu_capability"], *info["cpu_units"]])
+    return f"{info['cpu']}, {info['threads']} threads, {units}, torch {info['torch']}"
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:

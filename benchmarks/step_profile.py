@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import time
 from pathlib import Path
 
-import torch
 from common import (  # benchmarks/common.py, beside this script
     add_step_flags,
     at_least,
+    describe_machine,
+    machine_info,
     resnetlab_steps,
     run_script,
     step_flags,
@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the figures to this file")
     args = ap.parse_args()
 
+    print(describe_machine(machine_info()))
     data = prepare_data(args.data, val_fraction=0.1)
     trainer = step_trainer(args, data)
     warmup = resnetlab_steps(trainer, args.warmup, 0)
@@ -105,9 +106,7 @@ def main() -> None:
                     "step_ms": step_ms,
                     "warmup_seconds": warmup,
                     "ms_per_step": ms_per_step,
-                    "torch": torch.__version__,
-                    "threads": torch.get_num_threads(),
-                    "machine": platform.processor(),
+                    "machine": machine_info(),
                 },
                 indent=2,
             )

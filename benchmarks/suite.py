@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,8 @@ from common import (
     PerImageDataset,
     available_memory,
     baseline_steps,
+    describe_machine,
+    machine_info,
     matmul_peak,
     resnetlab_steps,
     training_memory,
@@ -384,12 +385,8 @@ def main() -> None:
         ap.error(f"--max-memory: must be a positive number of GiB, got {args.max_memory}")
     max_memory = None if args.max_memory is None else int(args.max_memory * 2**30)  # None: what is available
     sections = args.sections.split(",")
-    results: dict = {
-        "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-    }
+    results: dict = {"machine": machine_info()}
+    print(describe_machine(results["machine"]))
     runs = {
         "train": lambda: section_train(args.quick, results["peak"], args.batch_sizes, args.batch_sizes_224, max_memory),
         "infer": lambda: section_infer(args.quick),

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 from pathlib import Path
 
@@ -29,6 +28,8 @@ from common import (  # benchmarks/common.py, beside this script
     add_step_flags,
     at_least,
     baseline_steps,
+    describe_machine,
+    machine_info,
     resnetlab_steps,
     run_script,
     step_flags,
@@ -52,6 +53,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    print(describe_machine(machine_info()))
     data = prepare_data(args.data, val_fraction=0.1)
     print(f"data {data.name}: {len(data.train)} training images {data.input_shape}; model {args.model}")
     trainer = step_trainer(args, data)
@@ -105,9 +107,7 @@ def main() -> None:
                     "resnetlab_img_per_s": rates["resnetlab"],
                     "ratio": ours / base,
                     "warmup_seconds": warm,
-                    "torch": torch.__version__,
-                    "threads": torch.get_num_threads(),
-                    "machine": platform.processor(),
+                    "machine": machine_info(),
                 },
                 indent=2,
             )

@@ -148,6 +148,25 @@ def test_step_profile_groups_operators_by_kind_of_work(monkeypatch):
     assert group_of("aten::gather") == OTHER
 
 
+def test_machine_info_names_the_cpu_and_its_matrix_units(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from common import describe_machine, machine_info
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\n"
+        "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n\nprocessor\t: 1\n"
+    )
+    info = machine_info(cpuinfo)
+    assert info["cpu"] == "Intel(R) Xeon(R) Processor" and info["cpu_units"] == ["AVX-512 BF16", "AMX BF16"]
+    assert info["threads"] == torch.get_num_threads() and info["torch"] == torch.__version__
+    cpuinfo.write_text("model name\t: AMD EPYC 9R14\nflags\t\t: avx512f avx512_bf16\n")
+    assert machine_info(cpuinfo)["cpu_units"] == ["AVX-512 BF16"]
+    assert machine_info(tmp_path / "missing")["cpu_units"] == []  # not Linux: no units claimed
+    described = describe_machine(info | {"threads": 2, "cpu_capability": "AVX512", "torch": "2.13.0+cpu"})
+    assert described == "Intel(R) Xeon(R) Processor, 2 threads, AVX512 + AVX-512 BF16 + AMX BF16, torch 2.13.0+cpu"
+
+
 def test_step_profile_accounts_for_the_whole_step(tmp_path):
     out = tmp_path / "profile.json"
     done = bench(
@@ -173,6 +192,7 @@ def test_step_profile_accounts_for_the_whole_step(tmp_path):
     # the groups and the time outside operators add up to the measured step (up to rounding)
     assert sum(ms.values()) == pytest.approx(figures["step_ms"], rel=0.02)
     assert f"{figures['step_ms']:.1f} ms per step" in done.stdout
+    assert figures["machine"]["threads"] == torch.get_num_threads() and figures["machine"]["cpu"]
 
 
 @pytest.mark.parametrize(
