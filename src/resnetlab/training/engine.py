@@ -31,6 +31,7 @@ from ..checkpoint import (
 from ..data.prepare import PreparedData, prepare_data
 from ..errors import UserError
 from ..fileio import FolderLock, atomic_write_text
+from .allocator import keep_freed_memory
 from .config import TrainConfig, config_from_toml_text, to_toml
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
 from .evaluate import EvalResult, evaluate
@@ -189,6 +190,8 @@ class Trainer:
             model = nn.parallel.DistributedDataParallel(
                 core, device_ids=[device.index] if device.type == "cuda" else None
             )
+        if config.compile and device.type == "cpu":
+            keep_freed_memory()  # the compiled step's buffers would otherwise fault back in every step
         self.model = torch.compile(model) if config.compile else model
         self.position = Position()
         self.train_size: int | None = None  # progressive resizing: the side of this epoch's training images
