@@ -298,6 +298,26 @@ def test_progressive_resizing_schedule_and_record(tmp_path):
     assert [r["image_size"] for r in history] == [16, 32]
 
 
+def test_a_compiled_run_takes_the_reduced_sizes_eagerly():
+    from resnetlab.training.distributed import SINGLE_PROCESS
+    from resnetlab.training.engine import Trainer
+
+    config = TrainConfig(
+        model="resnet20", data="synthetic:3x32x32:4:64", batch_size=16, compile=True, min_image_size=16
+    )
+    trainer = Trainer(config, torch.device("cpu"), SINGLE_PROCESS)
+    assert trainer.model is not trainer.eager_model and trainer.eager_model is trainer.core
+    sizes = []  # what reaches the compiled model (a stand-in that records, so nothing is compiled here)
+    trainer.model = lambda x: sizes.append(x.shape[-1]) or trainer.core(x)
+    x, y = next(iter(trainer.train_loader.batches(0)))
+    for size in (16, 24, None):
+        trainer.train_size = size
+        before = [p.detach().clone() for p in trainer.core.parameters()]
+        trainer.step(x, y)
+        assert any(not torch.equal(a, b) for a, b in zip(before, trainer.core.parameters(), strict=True))
+    assert sizes == [32]  # only the full-size step went through the compiled model
+
+
 def test_alternating_flips_without_flips_in_the_augmentation_are_refused(tmp_path):
     config = TrainConfig(data="digits", epochs=1, alternate_flip=True, out=str(tmp_path / "r"))
     with pytest.raises(UserError, match="--alternate-flip needs flips in the training augmentation, which is none"):
