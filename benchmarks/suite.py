@@ -12,7 +12,8 @@
   measured at batch 1 and 2) is reported as skipped rather than run into the out-of-memory killer.
 - **infer**: resnet50 latency at batch 1 and throughput at batch 32, resnet20 throughput at batch
   256: eager against resnetlab's inference paths (BN folded, channels_last; compiled by inductor;
-  oneDNN Graph through TorchScript) and onnxruntime on the exported model.
+  oneDNN Graph through TorchScript) and onnxruntime on the exported model, all in float32; then
+  the compiled and oneDNN Graph paths in bfloat16 (labelled: a different precision).
 - **depth**: time per training step and peak memory against depth (ResNet-20 ... 1202), with and
   without gradient checkpointing, each in a fresh process.
 
@@ -205,7 +206,15 @@ def _time_calls(fn, x, repeats: int) -> list[float]:
     return times
 
 
-INFER_PATHS = ("eager", "fold", "compile", "onednn", "onnxruntime")
+# prepare_inference's modes, in float32 and (labelled: a different precision) in bfloat16.
+INFER_MODES = {
+    "fold": ("fold", torch.float32),
+    "compile": ("compile", torch.float32),
+    "onednn": ("onednn", torch.float32),
+    "compile_bf16": ("compile", torch.bfloat16),
+    "onednn_bf16": ("onednn", torch.bfloat16),
+}
+INFER_PATHS = ("eager", "fold", "compile", "onednn", "onnxruntime", "compile_bf16", "onednn_bf16")
 
 
 @torch.no_grad()
@@ -224,14 +233,14 @@ def section_infer(quick: bool) -> list[dict]:
         xc = x.contiguous(memory_format=torch.channels_last)
         calls = {"eager": (model, x)}
         setup = {"eager": 0.0}
-        for mode in ("fold", "compile", "onednn"):
+        for path, (mode, dtype) in INFER_MODES.items():
             t0 = time.perf_counter()
-            m = prepare_inference(model, mode)
+            m = prepare_inference(model, mode, dtype=dtype)
             m(xc)  # first call: compiles
             if mode == "onednn":
                 m(xc)  # oneDNN Graph fuses during the profiling executor's first calls
-            setup[mode] = time.perf_counter() - t0
-            calls[mode] = (m, xc)
+            setup[path] = time.perf_counter() - t0
+            calls[path] = (m, xc)
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             _to_onnx(model, torch.randn(2, 3, size, size), Path(tmp) / "m.onnx", {})
@@ -250,6 +259,8 @@ def section_infer(quick: bool) -> list[dict]:
                 timings[k] += _time_calls(fn, arg, calls_per_round)
         ref = model(x)
         diffs = {k: float((fn(arg) - ref).abs().max()) for k, (fn, arg) in calls.items() if k != "eager"}
+        # How far bfloat16's rounding moves the outputs, against their size (float32 paths: about 1e-6).
+        relative = {k: v / float(ref.abs().max()) for k, v in diffs.items()}
         median = {k: statistics.median(v) for k, v in timings.items()}
         result = {
             "model": model_name,
@@ -259,6 +270,7 @@ def section_infer(quick: bool) -> list[dict]:
             "median_seconds": median,
             "setup_seconds": setup,
             "max_abs_diff": diffs,
+            "max_rel_diff": relative,
         }
         out.append(result)
         if kind == "latency":
@@ -271,7 +283,7 @@ def section_infer(quick: bool) -> list[dict]:
             flush=True,
         )
     print(
-        "\nInference (float32; median call, the paths taking turns in rounds of consecutive calls;"
+        "\nInference (median call, the paths taking turns in rounds of consecutive calls;"
         " set-up time excluded, see JSON)"
     )
     print(
@@ -286,8 +298,17 @@ def section_infer(quick: bool) -> list[dict]:
                 "folded + compiled",
                 "oneDNN Graph",
                 "onnxruntime",
+                "compiled bf16*",
+                "oneDNN Graph bf16*",
             ],
             rows,
+        )
+    )
+    print(
+        "* bf16: weights and activations in bfloat16 (a different precision; the other columns are float32); "
+        "largest output difference from eager float32, relative to the largest output: "
+        + ", ".join(
+            f"{r['model']} b{r['batch']} {max(r['max_rel_diff'][k] for k in INFER_PATHS[-2:]):.1e}" for r in out
         )
     )
     return out

@@ -229,3 +229,28 @@ def test_onednn_graph_inference_matches_eager_runs_fused_and_leaves_the_switch_a
             assert not torch.jit.onednn_fusion_enabled()
     top_level = {node.kind() for node in torch.jit.last_executed_optimized_graph().nodes()}
     assert "prim::oneDNNFusionGuard" in top_level and "aten::_convolution" not in top_level
+
+
+@pytest.mark.parametrize("mode", ["fold", "onednn"])
+def test_bfloat16_inference_computes_in_bfloat16_and_answers_in_the_input_dtype(mode):
+    torch.manual_seed(0)
+    model = create_model("resnet20").eval()
+    fast = prepare_inference(model, mode, dtype=torch.bfloat16)
+    assert {p.dtype for p in fast.parameters()} == {torch.bfloat16}
+    assert next(model.parameters()).dtype == torch.float32  # the caller's model is left as it was
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        for _ in range(3):  # oneDNN Graph fuses during the first calls
+            out = fast(x)
+            assert out.dtype == torch.float32
+            # bfloat16 keeps 8 significant bits: the logits move by a small fraction of their size, not more
+            diff = float((out - ref).abs().max())
+            assert 0 < diff < 0.02 * float(ref.abs().max())
+    if mode == "onednn":
+        assert "prim::oneDNNFusionGuard" in {n.kind() for n in torch.jit.last_executed_optimized_graph().nodes()}
+
+
+def test_inference_refuses_an_integer_dtype():
+    with pytest.raises(ValueError, match="dtype must be a floating-point type, got torch.int8"):
+        prepare_inference(create_model("resnet20"), "fold", dtype=torch.int8)
