@@ -61,7 +61,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/time-to-accuracy"))
     # One quoted string: argparse would take a bare "--epochs" after --extra for an option of its own.
     ap.add_argument(
-        "--extra", type=shlex.split, default=[], help='more resnetlab train flags, quoted: --extra "--epochs 40"; a lone flag with =: --extra=--alternate-flip',
+        "--extra",
+        type=shlex.split,
+        default=[],
+        help='more resnetlab train flags, quoted: --extra "--epochs 40"; a lone flag after =: --extra=--alternate-flip',
     )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
