@@ -262,12 +262,44 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         env=env,
     )
     assert two.returncode == 0, two.stderr
+    assert two.stdout.count("done: validation accuracy") == 1, two.stdout  # rank 0 alone reports
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     one_hist = [json.loads(s) for s in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     two_hist = [json.loads(s) for s in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["val_acc"] for r in one_hist] == [r["val_acc"] for r in two_hist]
+
+
+SHUTDOWN_SCRIPT = """
+import os, sys
+from resnetlab import TrainConfig, train
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+before = threads()
+train(TrainConfig(model="residual_mlp", epochs=1, batch_size=64, threads=1, out=sys.argv[1]), verbose=False)
+print(f"rank {os.environ['RANK']}: {before} -> {threads()} threads", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_two_process_training_ends_with_the_process_group_gone(tmp_path):
+    # A process group that outlives train() keeps gloo's worker threads running into interpreter
+    # shutdown, where one of them can abort the process (see resnetlab.training.distributed); so the
+    # threads train() started must be gone when it returns.
+    script = tmp_path / "run.py"
+    script.write_text(SHUTDOWN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run(
+        [*command, str(script), str(tmp_path / "run")], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert lines == ["rank 0: 1 -> 1 threads", "rank 1: 1 -> 1 threads"], done.stdout
 
 
 def test_progressive_resizing_schedule_and_record(tmp_path):

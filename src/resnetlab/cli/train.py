@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_train)
 
 
-def run_train(args: argparse.Namespace) -> dict:
+def run_train(args: argparse.Namespace) -> dict | None:
+    from ..training.distributed import is_main_process
     from ..training.engine import train
 
     if args.resume:
@@ -39,6 +40,8 @@ def run_train(args: argparse.Namespace) -> dict:
         result = train(resume=args.resume, progress=not args.no_progress)
     else:
         result = train(cfg.config_from_args(args), progress=not args.no_progress)
+    if not is_main_process():
+        return None  # under torchrun the other ranks trained the same model; rank 0 reports it
     final = result.final
     if not args.json:
         val = f"{final['val_acc']:.2f}%" if final.get("val_acc") is not None else "n/a"

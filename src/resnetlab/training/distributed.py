@@ -7,6 +7,7 @@ processes compute the gradient of the same global batch as one process would; on
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -32,6 +33,11 @@ class DistInfo:
 SINGLE_PROCESS = DistInfo()
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a ``torchrun`` launch, or a process started without one: the one that reports."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the process group that ``torchrun`` describes in the environment (no-op without it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -39,6 +45,14 @@ def init_distributed(device: torch.device) -> DistInfo:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
+        # torch.distributed.nn.functional binds ``group=group.WORLD`` as default arguments when it is
+        # imported, and DistributedDataParallel imports it (through torch._dynamo). Imported after the
+        # group exists, those defaults keep the group alive past destroy_process_group, so gloo's
+        # worker threads outlive it and one can free a tensor during interpreter shutdown, which
+        # aborts the process ("terminate called without an active exception"; PyTorch 2.13, 3 of 57
+        # two-process runs here). Imported first, the defaults are None.
+        import torch.distributed.nn.functional  # noqa: F401
+
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return info
 
@@ -63,5 +77,11 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
+    """Destroy the process group, which joins gloo's worker threads once nothing else holds it.
+
+    Call it after the last reference to the DistributedDataParallel model is gone (its reducer holds
+    the group); the collection frees a model kept only by reference cycles.
+    """
     if info.enabled and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()

@@ -464,12 +464,16 @@ def train(
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
+    trainer = None
     try:
         trainer = Trainer(config, device, dist)
         # From here on a first SIGINT/SIGTERM ends the run cleanly: with a checkpoint after the next step.
         with stop_requests() as stop:
             return _run(trainer, run_dir, resume is not None, progress, verbose, t_start, stop)
     finally:
+        # DistributedDataParallel holds the process group, which shutdown() can only end once nothing else
+        # does; see shutdown().
+        del trainer
         shutdown(dist)
 
 
