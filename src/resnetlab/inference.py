@@ -5,8 +5,8 @@ rescaled weights and a bias: folding removes a pass over every activation. PyTor
 ``torch.fx.experimental.optimization.fuse`` does the folding on the traced graph.
 
 Two compilers go further on a CPU: inductor (``compile``) and oneDNN Graph (``onednn``), which fuses
-each convolution with its bias, residual add and ReLU and keeps activations in oneDNN's blocked
-layout between them. benchmarks/suite.py measures both against onnxruntime.
+each convolution with its bias, residual add and ReLU, with activations in the layout oneDNN picks
+between them. benchmarks/suite.py measures both against onnxruntime.
 """
 
 from __future__ import annotations
@@ -103,8 +103,9 @@ class _OneDNNGraph(nn.Module):
     """``model`` traced with TorchScript at the first call, frozen, and run with oneDNN Graph fusion.
 
     oneDNN Graph (``torch.jit.enable_onednn_fusion``, PyTorch's CPU inference fuser for TorchScript)
-    replaces the frozen graph's convolution + BN + add + ReLU chains by fused oneDNN partitions that
-    pass activations in oneDNN's blocked layout. The fusion is done by TorchScript's profiling
+    replaces the frozen graph's convolution + BN + add + ReLU chains by fused oneDNN partitions, inside
+    which oneDNN picks the activations' layout (NHWC throughout for resnet50 in float32 on the Intel
+    machine, by ``ONEDNN_VERBOSE``). The fusion is done by TorchScript's profiling
     executor during the first calls of each input shape, so the global switch is turned on for the
     calls (and restored after) rather than at construction. On 2 cores of an AMD EPYC it took resnet50
     at batch 1 from 76 ms (frozen TorchScript without it) to 42-45 ms, level with onnxruntime; on 2
