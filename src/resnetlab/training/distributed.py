@@ -49,8 +49,9 @@ def init_distributed(device: torch.device) -> DistInfo:
         # imported, and DistributedDataParallel imports it (through torch._dynamo). Imported after the
         # group exists, those defaults keep the group alive past destroy_process_group, so gloo's
         # worker threads outlive it and one can free a tensor during interpreter shutdown, which
-        # aborts the process ("terminate called without an active exception"; PyTorch 2.13, 3 of 57
-        # two-process runs here). Imported first, the defaults are None.
+        # aborts the process ("terminate called without an active exception", the crash described in
+        # pytorch/pytorch#179291; PyTorch 2.13, 3 of 57 two-process runs here). Imported first, the
+        # defaults are None.
         import torch.distributed.nn.functional  # noqa: F401
 
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
