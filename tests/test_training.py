@@ -298,8 +298,11 @@ def test_two_process_training_ends_with_the_process_group_gone(tmp_path):
         [*command, str(script), str(tmp_path / "run")], capture_output=True, text=True, timeout=600, env=env
     )
     assert done.returncode == 0, done.stderr
-    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
-    assert lines == ["rank 0: 1 -> 1 threads", "rank 1: 1 -> 1 threads"], done.stdout
+    counts = [line.split(": ")[1] for line in sorted(done.stdout.splitlines()) if line.startswith("rank ")]
+    assert len(counts) == 2, done.stdout
+    for count in counts:
+        before, after = count.removesuffix(" threads").split(" -> ")
+        assert after == before, done.stdout  # unfixed: 1 -> 4 (gloo's two workers and its event loop)
 
 
 def test_progressive_resizing_schedule_and_record(tmp_path):
