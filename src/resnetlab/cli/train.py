@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> dict | None:
-    from ..training.distributed import is_main_process
+    from ..training.distributed import env_dist_info
     from ..training.engine import train
 
     if args.resume:
@@ -40,7 +40,7 @@ def run_train(args: argparse.Namespace) -> dict | None:
         result = train(resume=args.resume, progress=not args.no_progress)
     else:
         result = train(cfg.config_from_args(args), progress=not args.no_progress)
-    if not is_main_process():
+    if not env_dist_info().is_main:
         return None  # under torchrun the other ranks trained the same model; rank 0 reports it
     final = result.final
     if not args.json:

@@ -33,18 +33,19 @@ class DistInfo:
 SINGLE_PROCESS = DistInfo()
 
 
-def is_main_process() -> bool:
-    """Rank 0 of a ``torchrun`` launch, or a process started without one: the one that reports."""
-    return int(os.environ.get("RANK", "0")) == 0
+def env_dist_info() -> DistInfo:
+    """This process's place in the launch that ``torchrun`` describes in the environment (a single
+    process without one)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return SINGLE_PROCESS
+    return DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the process group that ``torchrun`` describes in the environment (no-op without it)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
+    info = env_dist_info()
+    if info.enabled and not dist.is_initialized():
         # torch.distributed.nn.functional binds ``group=group.WORLD`` as default arguments when it is
         # imported, and DistributedDataParallel imports it (through torch._dynamo). Imported after the
         # group exists, those defaults keep the group alive past destroy_process_group, so gloo's
@@ -81,7 +82,8 @@ def shutdown(info: DistInfo) -> None:
     """Destroy the process group, which joins gloo's worker threads once nothing else holds it.
 
     Call it after the last reference to the DistributedDataParallel model is gone (its reducer holds
-    the group); the collection frees a model kept only by reference cycles.
+    the group). The collection frees a model kept only by reference cycles: without it, one of two
+    ranks here still had gloo's threads after train() returned.
     """
     if info.enabled and dist.is_initialized():
         gc.collect()
