@@ -271,6 +271,21 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert [r["val_acc"] for r in one_hist] == [r["val_acc"] for r in two_hist]
 
 
+@pytest.mark.parametrize("rank", [None, "x"])
+def test_a_half_set_multi_process_environment_is_a_clear_error(tmp_path, monkeypatch, capsys, rank):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    code = main(["train", "--model", "residual_mlp", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "WORLD_SIZE='2'" in err and f"RANK={rank!r}" in err and "torchrun" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
 SHUTDOWN_SCRIPT = """
 import os, sys
 from resnetlab import TrainConfig, train

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -36,10 +38,18 @@ SINGLE_PROCESS = DistInfo()
 def env_dist_info() -> DistInfo:
     """This process's place in the launch that ``torchrun`` describes in the environment (a single
     process without one)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return SINGLE_PROCESS
-    return DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    env = {name: os.environ.get(name) for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    try:
+        world = int(env["WORLD_SIZE"] or 1)
+        if world <= 1:
+            return SINGLE_PROCESS
+        return DistInfo(int(env["RANK"] or ""), world, int(env["LOCAL_RANK"] or 0))
+    except ValueError:
+        shown = ", ".join(f"{name}={value!r}" for name, value in env.items())
+        raise UserError(
+            f"the environment describes no valid multi-process launch ({shown}); start several processes "
+            "with torchrun --nproc-per-node N, or unset WORLD_SIZE for one"
+        ) from None
 
 
 def init_distributed(device: torch.device) -> DistInfo:
