@@ -137,7 +137,7 @@ def test_plain_block_has_the_same_branch_and_no_shortcut(block_cls):
 @pytest.mark.parametrize("block_cls", CONV_BLOCKS)
 def test_zero_init_last_on_a_plain_block_is_refused(block_cls):
     block = block_cls(8, 8 // block_cls.expansion or 1, plain=True)
-    with pytest.raises(ValueError, match="plain block"):
+    with pytest.raises(ValueError, match="without a shortcut"):
         block.zero_init_last()
 
 

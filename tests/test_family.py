@@ -66,6 +66,31 @@ def test_inverted_residual_shortcut_only_where_shapes_agree(cls):
     torch.testing.assert_close(down(x), down.residual(x))
     same.zero_init_last()
     assert torch.equal(same(x), x)  # nothing follows the addition: the identity exactly
+    assert same.has_shortcut and not down.has_shortcut
+    with pytest.raises(ValueError, match="without a shortcut"):
+        down.zero_init_last()  # it would output zero whatever its input
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2_cifar", "efficientnet_b0_cifar"])
+def test_zero_init_residual_zeroes_only_the_blocks_with_a_shortcut(name):
+    torch.manual_seed(0)
+    model = create_model(name, zero_init_residual=True).eval()
+    blocks = model.residual_blocks()
+    with_shortcut = [b for b in blocks if b.has_shortcut]
+    assert 0 < len(with_shortcut) < len(blocks)
+    for block in blocks:
+        channels = next(m for m in block.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+        x = torch.randn(2, channels, 8, 8)
+        with torch.no_grad():
+            out = block(x)
+        if block.has_shortcut:
+            assert torch.equal(out, x)  # the identity at initialisation
+        else:
+            assert out.abs().amax() > 0  # not silenced
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(images)
+    assert logits.std(0).mean() > 0  # the network still sees its input
 
 
 def test_drop_path_drops_whole_samples_in_training_only():

@@ -69,6 +69,10 @@ class InvertedResidual(ResidualBlock):
         ]
         self.conv = nn.Sequential(*layers)
 
+    @property
+    def has_shortcut(self) -> bool:
+        return self.use_res_connect and not self.plain
+
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
 
@@ -77,7 +81,7 @@ class InvertedResidual(ResidualBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.residual(x)
-        if self.use_res_connect and not self.plain:
+        if self.has_shortcut:
             out = out + x
         return out
 
@@ -152,6 +156,10 @@ class MBConv(ResidualBlock):
         self.block = nn.Sequential(*layers)
         self.stochastic_depth = DropPath(drop_path)
 
+    @property
+    def has_shortcut(self) -> bool:
+        return self.use_res_connect and not self.plain
+
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)
 
@@ -160,6 +168,6 @@ class MBConv(ResidualBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.residual(x)
-        if self.use_res_connect and not self.plain:
+        if self.has_shortcut:
             out = self.stochastic_depth(out) + x
         return out

@@ -25,6 +25,11 @@ class ResidualBlock(nn.Module):
     plain: bool
     preact: bool = False  # True for blocks that end at the addition (the network then ends in BN-ReLU)
 
+    @property
+    def has_shortcut(self) -> bool:
+        """Whether the block adds a shortcut to its branch (never in a plain twin)."""
+        return not self.plain
+
     def shortcut_modules(self) -> list[nn.Module]:
         """The modules that belong to the shortcut (empty for the identity and for plain blocks)."""
         module = getattr(self, "downsample", None)
@@ -46,12 +51,14 @@ class ResidualBlock(nn.Module):
         """Zero the branch's last normalisation weight (and shift) so the block is its shortcut.
 
         Goyal et al. 2017 ("Accurate, Large Minibatch SGD", sec. 5.1) found this helps large-batch
-        training. A plain block has no shortcut to fall back to: it would output ``post_act(0)``.
+        training. A block without a shortcut (any block of a plain twin; in MobileNetV2 and EfficientNet
+        also those that change the stride or the width) has nothing to fall back to: it would output
+        ``post_act(0)`` whatever its input.
         """
-        if self.plain:
+        if not self.has_shortcut:
             raise ValueError(
-                f"{type(self).__name__}: zero_init_last() on a plain block would zero its output "
-                "(there is no shortcut to fall back to)"
+                f"{type(self).__name__}: zero_init_last() on a block without a shortcut would zero its "
+                "output (there is no shortcut to fall back to)"
             )
         zero_last_layer(self.branch_modules())
 

@@ -36,14 +36,14 @@ class Skip(nn.Module):
         self.block = block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.block.plain:
+        if not self.block.has_shortcut:
             return x
         return self.block.post_activation(self.block.shortcut(x))
 
 
 def removable(block: ResidualBlock) -> bool:
     """A plain block can only be dropped where it keeps the shape; a residual block always can."""
-    if not block.plain:
+    if block.has_shortcut:
         return True
     convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
     return convs[0].in_channels == convs[-1].out_channels and all(c.stride == (1, 1) for c in convs)

@@ -171,8 +171,11 @@ def initialise(
             raise ValueError(
                 "zero_init_residual=True needs shortcuts: in a plain network every block would start by outputting zero"
             )
+        # Only blocks with a shortcut: one without (a stride or width change in MobileNetV2 and
+        # EfficientNet) would output zero whatever its input, and so would the whole network.
         for block in blocks:
-            block.zero_init_last()
+            if block.has_shortcut:
+                block.zero_init_last()
 
 
 def init_norm(module: nn.Module) -> bool:
