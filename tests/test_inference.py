@@ -162,9 +162,14 @@ def test_compiled_inference_matches_eager_and_holds_the_weights_once():
     model = create_model("resnet20").eval()
     x = torch.randn(4, 3, 32, 32)
     compiled = prepare_inference(model, "compile")
+    xc = x.contiguous(memory_format=torch.channels_last)
+    torch._dynamo.utils.counters.clear()
+    out = compiled(xc)  # called with gradients on, as a user would: still computed without them
+    assert not out.requires_grad
     with torch.no_grad():
-        diff = (compiled(x.contiguous(memory_format=torch.channels_last)) - model(x)).abs().max()
+        diff = (compiled(xc) - model(x)).abs().max()
     assert float(diff) < 1e-4
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one compilation for both calls
     assert len(compiled.state_dict()) == len(prepare_inference(model, "fold").state_dict())
 
 
@@ -254,3 +259,5 @@ def test_bfloat16_inference_computes_in_bfloat16_and_answers_in_the_input_dtype(
 def test_inference_refuses_an_integer_dtype():
     with pytest.raises(ValueError, match="dtype must be a floating-point type, got torch.int8"):
         prepare_inference(create_model("resnet20"), "fold", dtype=torch.int8)
+    with pytest.raises(ValueError, match="dtype must be a floating-point type, got 'bfloat16'"):
+        prepare_inference(create_model("resnet20"), "fold", dtype="bfloat16")

@@ -51,8 +51,8 @@ def prepare_inference(
     """
     if mode not in get_args(Mode):
         raise ValueError(f"mode must be one of {', '.join(get_args(Mode))}, got {mode!r}")
-    if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point type, got {dtype}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point type, got {dtype!r}")
     # TorchScript's freezing folds the batch norms itself (and oneDNN Graph wants the convolution + BN
     # pattern whole), so the onednn path takes the model unfolded.
     out = fold_batchnorm(model) if mode in ("fold", "compile") else copy.deepcopy(model).eval()
@@ -92,6 +92,9 @@ class _FreezingCompiled(nn.Module):
         super().__init__()
         self.compiled = torch.compile(model)  # holds ``model`` as ``_orig_mod``
 
+    # Without gradients: inductor freezes only a graph compiled with gradients off (and would keep an
+    # autograd graph, and compile a second time for calls made under ``no_grad``).
+    @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch._inductor.config as inductor_config
 
