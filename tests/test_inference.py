@@ -101,6 +101,38 @@ def test_export_of_a_torchvision_format_state_dict(tmp_path):
         export_model(tmp_path / "tv.pth", "onnx")
 
 
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("mobilenet_v2_cifar", {}),  # classifier.1, not fc
+        ("densenet_bc_100", {"num_classes": 7}),  # classifier
+        ("resnet20", {"in_chans": 1}),  # a model trained on the 1-channel digits
+        ("residual_mlp", {"num_classes": 4}),
+    ],
+)
+def test_a_bare_state_dict_loads_with_its_class_count_and_input_channels(tmp_path, name, kwargs):
+    torch.manual_seed(0)
+    model = create_model(name, **kwargs).eval()
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    loaded, info = load_model(tmp_path / "w.pth", model_name=name)
+    assert info is None
+    assert (loaded.num_classes, loaded.in_chans) == (model.num_classes, model.in_chans)
+    x = torch.randn(2, model.in_chans, *model.input_size)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_weights_that_do_not_fit_are_refused_naming_the_key_and_shapes(tmp_path):
+    torch.save(create_model("resnet18").state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(UserError, match=r"r18.pth: the weights do not fit the resnet34 \(Missing key\(s\).*layer1.2"):
+        load_model(tmp_path / "r18.pth", model_name="resnet34")
+    state = create_model("resnet20").state_dict()
+    state["layer1.0.conv1.weight"] = torch.zeros(16, 16, 1, 1)
+    torch.save(state, tmp_path / "r20.pth")
+    with pytest.raises(UserError, match=r"size mismatch for layer1.0.conv1.weight.*\[16, 16, 1, 1\].*\[16, 16, 3, 3\]"):
+        load_model(tmp_path / "r20.pth", model_name="resnet20")
+
+
 def test_export_cli_json(run, tmp_path, capsys):
     assert main(["export", str(run), "--format", "onnx", "--output", str(tmp_path / "x.onnx"), "--json"]) == 0
     assert _json_tail(capsys)["max_abs_diff"] < 1e-4

@@ -288,13 +288,48 @@ def load_model(
             state = state["state_dict"]
         if not isinstance(state, dict):
             raise UserError(f"{file}: expected a state_dict (a dict of tensors)")
-        fc = state.get("fc.weight")
-        classes = num_classes or (fc.shape[0] if isinstance(fc, torch.Tensor) else 1000)
-        model = create_model(model_name, num_classes=classes)
+        model = create_model(model_name, **_shape_of_bare_state(model_name, state, num_classes))
         info = None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first = str(err).splitlines()[0] if str(err) else "shapes or names differ"
-        raise UserError(f"{file}: the weights do not fit the model ({first})") from None
+        # PyTorch's first line is only a header; the next ones name the keys and shapes that differ.
+        details = [_shorten_key_list(line.strip()) for line in str(err).splitlines()[1:] if line.strip()]
+        what = "; ".join(details[:2]) if details else "shapes or names differ"
+        more = f"; {len(details) - 2} more differences" if len(details) > 2 else ""
+        raise UserError(f"{file}: the weights do not fit the {model_name or info.model} ({what}{more})") from None
     return model.to(map_location).eval(), info
+
+
+def _shorten_key_list(line: str, keep: int = 3) -> str:
+    """PyTorch's 'Missing key(s) in state_dict: "a", "b", ...' with only the first keys and a count."""
+    head, sep, tail = line.partition(": ")
+    keys = re.findall(r'"([^"]+)"', tail)
+    if not sep or len(keys) <= keep:
+        return line
+    return f"{head}: {', '.join(keys[:keep])} and {len(keys) - keep} more"
+
+
+def _shape_of_bare_state(model_name: str, state: dict, num_classes: int | None) -> dict[str, int]:
+    """``num_classes`` and ``in_chans`` for ``model_name`` read off a bare state_dict's weights.
+
+    The model is built once on the meta device (no memory, no initialisation) to learn the names of its
+    classifier and first layer; where ``state`` has them, their shapes give the class count and (for a
+    convolutional stem) the input channels. Otherwise the builder's defaults stand, and
+    ``load_state_dict`` names what does not fit.
+    """
+    with torch.device("meta"):
+        reference = create_model(model_name)
+    ref_state = reference.state_dict()
+    kwargs: dict[str, int] = {}
+    linears = [name for name, m in reference.named_modules() if isinstance(m, nn.Linear)]
+    classifier = state.get(f"{linears[-1]}.weight") if linears else None
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    elif isinstance(classifier, torch.Tensor) and classifier.ndim == 2:
+        kwargs["num_classes"] = classifier.shape[0]
+    first_name, first_ref = next(iter(ref_state.items()))
+    first = state.get(first_name)
+    if isinstance(first, torch.Tensor) and first.ndim == first_ref.ndim == 4 and first.shape[1] > 0:
+        kwargs["in_chans"] = first.shape[1]  # an ungrouped stem convolution: (out, in, kh, kw)
+    return kwargs
