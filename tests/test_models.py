@@ -90,6 +90,22 @@ def test_forward_features_head_and_reset_classifier(name):
 
 
 @pytest.mark.parametrize(
+    "name", ["resnet20", "residual_mlp", "mobilenet_v2_cifar", "efficientnet_b0_cifar", "densenet_bc_100"]
+)
+def test_every_family_built_without_a_classifier_returns_the_pooled_features(name):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=0).eval()
+    x = small_input(model)
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (2, model.num_features)
+        torch.testing.assert_close(out, model.forward_head(model.forward_features(x), pre_logits=True))
+    for bad in ({"num_classes": -1}, {"in_chans": 0}):
+        with pytest.raises(ValueError, match="need num_classes >= 0 and in_chans >= 1"):
+            create_model(name, **bad)
+
+
+@pytest.mark.parametrize(
     "name, expected",
     [
         ("resnet50", [("layer1", 256, 4), ("layer2", 512, 8), ("layer3", 1024, 16), ("layer4", 2048, 32)]),

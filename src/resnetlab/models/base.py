@@ -29,6 +29,11 @@ class FeatureInfo:
     stride: int
 
 
+def linear_or_identity(features: int, num_classes: int) -> nn.Module:
+    """The classifier layer: a linear map to ``num_classes`` outputs, or none for 0 (features out)."""
+    return nn.Linear(features, num_classes) if num_classes else nn.Identity()
+
+
 class Classifier(nn.Module):
     """Base class: shared forward, classifier reset, intermediates and gradient checkpointing."""
 
@@ -44,6 +49,13 @@ class Classifier(nn.Module):
         super().__init__()
         self.grad_checkpointing = False
         self.blocks_per_segment: int | None = None
+
+    def set_sizes(self, num_classes: int, in_chans: int) -> None:
+        """Check and store the class count (0: no classifier, the head returns the pooled features, as
+        after ``reset_classifier(0)``) and the input channels."""
+        if num_classes < 0 or in_chans < 1:
+            raise ValueError(f"need num_classes >= 0 and in_chans >= 1, got {num_classes} and {in_chans}")
+        self.num_classes, self.in_chans = num_classes, in_chans
 
     @property
     def default_input_size(self) -> tuple[int, int, int]:
@@ -67,7 +79,7 @@ class Classifier(nn.Module):
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self.fc = linear_or_identity(self.num_features, num_classes)
 
     def residual_blocks(self) -> list[ResidualBlock]:
         """Every residual block, in forward order."""

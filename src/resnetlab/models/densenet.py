@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..blocks.dense import DenseBlock, Transition
-from .base import Classifier, FeatureInfo, init_norm, initialise
+from .base import Classifier, FeatureInfo, init_norm, initialise, linear_or_identity
 from .registry import register_model
 
 
@@ -56,8 +56,7 @@ class DenseNet(Classifier):
             raise ValueError(f"compression must be in (0, 1], got {compression}")
         rng_state = torch.get_rng_state()
         self.plain = False
-        self.in_chans = in_chans
-        self.num_classes = num_classes
+        self.set_sizes(num_classes, in_chans)
         side = 224 if stem == "imagenet" else 32
         self.input_size = (side, side) if input_size is None else (int(input_size[0]), int(input_size[1]))
         if stem == "imagenet":
@@ -91,7 +90,7 @@ class DenseNet(Classifier):
         layers.append(("norm5", nn.BatchNorm2d(channels)))
         self.features = nn.Sequential(OrderedDict(layers))
         self.num_features = channels
-        self.classifier = nn.Linear(channels, num_classes) if num_classes else nn.Identity()
+        self.classifier = linear_or_identity(channels, num_classes)
         initialise(self, _init_module, False, rng_state)
 
     @property
@@ -126,7 +125,7 @@ class DenseNet(Classifier):
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         self.num_classes = num_classes
-        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self.classifier = linear_or_identity(self.num_features, num_classes)
 
 
 def _init_module(module: nn.Module) -> None:

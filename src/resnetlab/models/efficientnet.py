@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..blocks.inverted import MBConv, conv_norm_act, make_divisible
-from .base import Classifier, FeatureInfo, init_norm, initialise
+from .base import Classifier, FeatureInfo, init_norm, initialise, linear_or_identity
 from .registry import register_model, register_plain_twin
 
 # (expansion, kernel, first stride, output channels, blocks) per stage: Tan & Le 2019, table 1.
@@ -66,8 +66,7 @@ class EfficientNet(Classifier):
             raise ValueError("width_mult and depth_mult must be positive")
         setting = setting or B0_SETTING
         self.plain = plain
-        self.in_chans = in_chans
-        self.num_classes = num_classes
+        self.set_sizes(num_classes, in_chans)
         self.input_size = (int(input_size[0]), int(input_size[1]))
         counts = [math.ceil(n * depth_mult) for *_, n in setting]
         total, index = sum(counts), 0
@@ -91,7 +90,9 @@ class EfficientNet(Classifier):
         layers.append(conv_norm_act(channels, self.num_features, kernel_size=1, activation=nn.SiLU))
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Dropout(dropout, inplace=True), nn.Linear(self.num_features, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Dropout(dropout, inplace=True), linear_or_identity(self.num_features, num_classes)
+        )
         initialise(self, _init_module, zero_init_residual, rng_state)
 
     @property
@@ -115,7 +116,7 @@ class EfficientNet(Classifier):
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         self.num_classes = num_classes
-        self.classifier[-1] = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self.classifier[-1] = linear_or_identity(self.num_features, num_classes)
 
 
 def _init_module(module: nn.Module) -> None:

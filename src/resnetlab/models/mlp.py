@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..blocks.fc import FCNorm, FCResidualBlock, fc_norm
-from .base import Classifier, FeatureInfo, init_norm, initialise
+from .base import Classifier, FeatureInfo, init_norm, initialise, linear_or_identity
 from .registry import register_model, register_plain_twin
 
 
@@ -43,13 +43,12 @@ class ResidualMLP(Classifier):
         super().__init__()
         if depth < 2 or depth % 2:
             raise ValueError(f"depth counts hidden layers, two per block: an even number >= 2, got {depth}")
-        if width < 1 or num_classes < 0 or in_chans < 1 or len(input_size) != 2:
-            raise ValueError("need width >= 1, num_classes >= 0, in_chans >= 1, input_size=(h, w)")
+        if width < 1 or len(input_size) != 2:
+            raise ValueError(f"need width >= 1 and input_size=(h, w), got {width} and {input_size}")
         rng_state = torch.get_rng_state()  # initialise() rewinds to it (same draws as the plain twin)
         self.plain = plain
-        self.in_chans = in_chans
+        self.set_sizes(num_classes, in_chans)
         self.input_size = (int(input_size[0]), int(input_size[1]))
-        self.num_classes = num_classes
         self.num_features = width
 
         self.flatten = nn.Flatten()
@@ -57,7 +56,7 @@ class ResidualMLP(Classifier):
         self.stem_norm = fc_norm(norm, width)
         self.relu = nn.ReLU()
         self.blocks = nn.Sequential(*[FCResidualBlock(width, norm=norm, plain=plain) for _ in range(depth // 2)])
-        self.fc = nn.Linear(width, num_classes) if num_classes else nn.Identity()
+        self.fc = linear_or_identity(width, num_classes)
         self.stage_names = ["blocks"]
         self.feature_info = [FeatureInfo("blocks", width, 1)]
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..blocks.inverted import InvertedResidual, conv_norm_act, make_divisible
-from .base import Classifier, FeatureInfo, init_norm, initialise
+from .base import Classifier, FeatureInfo, init_norm, initialise, linear_or_identity
 from .registry import register_model, register_plain_twin
 
 # (expansion t, output channels c, blocks n, first stride s) per stage: Sandler et al. 2018, table 2.
@@ -70,8 +70,7 @@ class MobileNetV2(Classifier):
             raise ValueError(f"width_mult must be positive, got {width_mult}")
         setting = setting or IMAGENET_SETTING
         self.plain = plain
-        self.in_chans = in_chans
-        self.num_classes = num_classes
+        self.set_sizes(num_classes, in_chans)
         self.input_size = (int(input_size[0]), int(input_size[1]))
         channels = make_divisible(32 * width_mult)
         self.num_features = make_divisible(1280 * max(1.0, width_mult))
@@ -85,7 +84,7 @@ class MobileNetV2(Classifier):
                 strides.append(strides[-1] * (s if i == 0 else 1))
         layers.append(conv_norm_act(channels, self.num_features, kernel_size=1))
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.num_features, num_classes))
+        self.classifier = nn.Sequential(nn.Dropout(dropout), linear_or_identity(self.num_features, num_classes))
         # A stage runs from one resolution change to the next (timm's feature stages for this net).
         last = len(layers) - 2
         starts = [1] + [i for i in range(2, last + 1) if layers[i].stride == 2]
@@ -122,7 +121,7 @@ class MobileNetV2(Classifier):
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         self.num_classes = num_classes
-        self.classifier[-1] = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self.classifier[-1] = linear_or_identity(self.num_features, num_classes)
 
 
 def _init_module(module: nn.Module) -> None:

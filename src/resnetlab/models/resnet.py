@@ -33,7 +33,7 @@ from ..blocks.conv import BasicBlock, Bottleneck
 from ..blocks.preact import PreActBasicBlock, PreActBottleneck
 from ..blocks.residual import ResidualBlock
 from ..blocks.shortcuts import NormLayer, ShortcutOption
-from .base import Classifier, FeatureInfo, init_norm, initialise
+from .base import Classifier, FeatureInfo, init_norm, initialise, linear_or_identity
 from .registry import register_model, register_plain_twin
 
 Stem = Literal["imagenet", "cifar"]
@@ -88,8 +88,6 @@ class ResNet(Classifier):
             raise ValueError(f"every stage needs at least one block, got layers={list(layers)}")
         if stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
-        if num_classes < 0 or in_chans < 1:
-            raise ValueError(f"need num_classes >= 0 and in_chans >= 1, got {num_classes}, {in_chans}")
         rng_state = torch.get_rng_state()  # initialise() rewinds to it (same draws as the plain twin)
         if norm_layer == "none":
             norm_layer = no_norm
@@ -103,8 +101,7 @@ class ResNet(Classifier):
         self.stem_type = stem
         side = 224 if stem == "imagenet" else 32
         self.input_size = (side, side) if input_size is None else (int(input_size[0]), int(input_size[1]))
-        self.in_chans = in_chans
-        self.num_classes = num_classes
+        self.set_sizes(num_classes, in_chans)
 
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False)
@@ -144,7 +141,7 @@ class ResNet(Classifier):
         self.norm = norm_layer(channels) if self.preact else None
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.num_features = channels
-        self.fc = nn.Linear(channels, num_classes) if num_classes else nn.Identity()
+        self.fc = linear_or_identity(channels, num_classes)
 
         initialise(self, _init_module, zero_init_residual, rng_state)
 
