@@ -89,6 +89,12 @@ def test_forward_features_head_and_reset_classifier(name):
     assert model(x).shape == (2, model.num_features)
 
 
+def test_the_mlp_names_the_input_shape_it_expects():
+    model = create_model("residual_mlp")
+    with pytest.raises(ValueError, match=r"expected inputs of shape \(N, 1, 8, 8\), got \(2, 3, 8, 8\)"):
+        model(torch.randn(2, 3, 8, 8))
+
+
 @pytest.mark.parametrize(
     "name", ["resnet20", "residual_mlp", "mobilenet_v2_cifar", "efficientnet_b0_cifar", "densenet_bc_100"]
 )
@@ -123,8 +129,15 @@ def test_feature_info_matches_forward_intermediates(name, expected):
         assert f.shape == (1, channels, x.shape[2] // stride, x.shape[3] // stride)
     (last,) = model.forward_intermediates(x, indices=[len(expected) - 1])
     torch.testing.assert_close(last, feats[-1])
-    with pytest.raises(IndexError):
-        model.forward_intermediates(x, indices=[len(expected)])
+    first, last = model.forward_intermediates(x, indices=[-1, 0])  # negative from the end; forward order
+    torch.testing.assert_close(first, feats[0])
+    torch.testing.assert_close(last, feats[-1])
+    last_two = model.forward_intermediates(x, indices=2)  # an int: the last n stages (as timm)
+    assert [f.shape for f in last_two] == [f.shape for f in feats[-2:]]
+    assert model.forward_intermediates(x, indices=[]) == []
+    for bad in ([len(expected)], [-len(expected) - 1], len(expected) + 1):
+        with pytest.raises(IndexError):
+            model.forward_intermediates(x, indices=bad)
 
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet50", "preact_resnet110"])

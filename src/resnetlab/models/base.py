@@ -115,13 +115,24 @@ class Classifier(nn.Module):
             x = checkpoint(segment, x, use_reentrant=False, context_fn=_recompute_keeps_norm_stats(segment))
         return x
 
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] | None = None) -> list[torch.Tensor]:
-        """The outputs of the stages named in ``feature_info`` (all, or those at ``indices``)."""
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None) -> list[torch.Tensor]:
+        """The outputs of the stages named in ``feature_info``, in forward order: all of them, those at
+        ``indices`` (negative ones count from the last stage), or the last ``n`` for an int (as timm)."""
         stages = self.stages()
-        wanted = set(range(len(stages)) if indices is None else indices)
-        for i in wanted:
-            if not 0 <= i < len(stages):
-                raise IndexError(f"feature index {i} out of range for {len(stages)} stages")
+        n = len(stages)
+        if indices is None:
+            wanted = set(range(n))
+        elif isinstance(indices, int):
+            if not 0 <= indices <= n:
+                raise IndexError(f"cannot take the last {indices} of {n} stages")
+            wanted = set(range(n - indices, n))
+        else:
+            for i in indices:
+                if not -n <= i < n:
+                    raise IndexError(f"feature index {i} out of range for {n} stages")
+            wanted = {i % n for i in indices}
+        if not wanted:
+            return []
         out = []
         x = self.forward_stem(x)
         for i, (_, modules) in enumerate(stages):

@@ -67,6 +67,12 @@ class ResidualMLP(Classifier):
         return (self.in_chans, *self.input_size)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        # The stem flattens: a wrong image size would otherwise surface as a matrix shape mismatch.
+        if tuple(x.shape[1:]) != (self.in_chans, *self.input_size):
+            raise ValueError(
+                f"expected inputs of shape (N, {self.in_chans}, {self.input_size[0]}, {self.input_size[1]}), "
+                f"got {tuple(x.shape)}"
+            )
         return self.relu(self.stem_norm(self.stem(self.flatten(x))))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
