@@ -328,6 +328,47 @@ def test_a_run_killed_before_its_config_was_written_starts_again_with_the_same_o
     assert refused.returncode == 2 and "already exists and is not empty" in refused.stderr
 
 
+def test_a_run_that_failed_before_its_first_checkpoint_starts_again_with_the_same_out(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text('model = "densenet121"\n')  # a run that died before any checkpoint
+    done = cli("train", *MLP, "--epochs", "1", "--out", str(run))
+    assert done.returncode == 0, done.stderr
+    assert 'model = "residual_mlp"' in (run / "config.toml").read_text()
+    again = cli("train", *MLP, "--epochs", "1", "--out", str(run))  # now it has checkpoints: refused
+    assert again.returncode == 2 and "already exists and is not empty" in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--model", "densenet121"],  # its transitions pool the 8x8 digits down to nothing
+            "--model densenet121: cannot take the 8x8 images of digits (",
+        ),
+        (["--model", "resnet20", "--min-image-size", "4", "--epochs", "4"], None),  # fits: trains
+        (
+            ["--model", "residual_mlp", "--min-image-size", "4", "--epochs", "4"],
+            "--min-image-size 4: residual_mlp cannot take 4x4 images (",
+        ),
+        (
+            ["--model", "resnet20", "--augment", "crop", "--crop-padding", "8"],
+            "--crop-padding 8: reflect padding needs images larger than that, and the smallest training "
+            "images here are 8x8",
+        ),
+    ],
+)
+def test_images_the_model_or_augmentation_cannot_take_are_refused_before_the_run_folder(tmp_path, args, message):
+    run = tmp_path / "run"
+    result = cli("train", "--epochs", "1", "--batch-size", "64", *args, "--out", str(run))
+    if message is None:
+        assert result.returncode == 0, result.stderr
+        return
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not run.exists()
+
+
 # --- 8. numerical faults -----------------------------------------------------------------------
 
 

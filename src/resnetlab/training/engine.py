@@ -28,6 +28,7 @@ from ..checkpoint import (
     read_model_file,
     save_checkpoint,
 )
+from ..data.augment import BatchAugment
 from ..data.prepare import PreparedData, prepare_data
 from ..errors import UserError
 from ..fileio import FolderLock, atomic_write_text
@@ -146,13 +147,13 @@ class Trainer:
         loader_args = dict(
             device=device, input_shape=data.input_shape, seed=config.seed, workers=config.workers, dist=dist
         )
-        self.train_loader = make_loader(
-            data.train, config.batch_size, train=True, augment=choose_augment(config, data), **loader_args
-        )
+        augment = choose_augment(config, data)
+        self.train_loader = make_loader(data.train, config.batch_size, train=True, augment=augment, **loader_args)
         self.val_loader = make_loader(data.val, config.batch_size, train=False, **loader_args) if data.val else None
 
         torch.manual_seed(config.seed)
         core, kwargs = build_model(config, data)
+        self._check_sizes(core, augment)
         if config.init_weights:
             load_initial_weights(core, config.init_weights)
         core.to(device)
@@ -205,6 +206,42 @@ class Trainer:
             b for m in core.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for b in m.buffers(recurse=False)
         ]
         self._norm_stats_saved = [b.clone() for b in self._norm_stats]
+
+    def _check_sizes(self, model: nn.Module, augment: BatchAugment | None) -> None:
+        """Refuse, before the run folder is written, images the model or the augmentation cannot take.
+
+        Found at the first step instead, such a mistake would leave a run folder that holds only its
+        config: not resumable, and in the way of the same ``--out``. The model sees the full-size images
+        and, with progressive resizing, the smallest training ones (one forward pass each, on one image).
+        """
+        channels, height, width = self.data.input_shape
+        smallest = self.image_size_at(0)
+        sizes = [(height, width)] + ([(smallest, smallest)] if smallest else [])
+        side = min(min(size) for size in sizes)
+        if augment is not None and augment.crop_padding >= side and augment.pad_mode == "reflect":
+            raise UserError(
+                f"--crop-padding {augment.crop_padding}: reflect padding needs images larger than that, and "
+                f"the smallest training images here are {side}x{side}"
+            )
+        was_training = model.training
+        model.eval()
+        try:
+            for size in sizes:
+                try:
+                    with torch.no_grad():
+                        model(torch.zeros(1, channels, *size))
+                except (RuntimeError, ValueError) as err:  # e.g. a pooling window larger than its map
+                    first = str(err).splitlines()[0]
+                    model_name, low = self.config.model, self.config.min_image_size
+                    if size == (height, width):
+                        where = f"--model {model_name}: cannot take the {height}x{width} images of {self.data.name}"
+                        hint = "--image-size resizes them"
+                    else:
+                        where = f"--min-image-size {low}: {model_name} cannot take {size[0]}x{size[1]} images"
+                        hint = "raise it"
+                    raise UserError(f"{where} ({first}); {hint}") from None
+        finally:
+            model.train(was_training)
 
     def image_size_at(self, epoch: int) -> int | None:
         """Progressive resizing (Howard's fast.ai DAWNBench entry; FFCV): the training images' side grows
@@ -412,8 +449,11 @@ def _new_run_dir(config: TrainConfig) -> Path:
 
 
 def _leftover(path: Path) -> bool:
-    """The lock or a half-written temporary file of a run killed before its config was in place: a
-    folder holding only these counts as empty, so the same ``--out`` starts the run again."""
+    """What a run that never reached its first checkpoint leaves: the lock, a half-written temporary file,
+    its config. A folder holding only these counts as empty, so the same ``--out`` starts the run again
+    (with corrected settings, which ``--resume`` would not take)."""
+    if path.name == "config.toml":
+        return not (path.parent / "checkpoints").exists() and not (path.parent / "metrics.jsonl").exists()
     return path.name == ".lock" or (path.name.startswith(".") and path.name.endswith(".tmp"))
 
 
@@ -421,7 +461,7 @@ def _take(lock: FolderLock, run_dir: Path) -> None:
     """Lock the run folder, then remove what a killed process left half-written in it."""
     lock.acquire()
     for path in run_dir.iterdir():
-        if path.name != ".lock" and _leftover(path):
+        if path.name not in (".lock", "config.toml") and _leftover(path):
             path.unlink(missing_ok=True)
 
 
