@@ -40,6 +40,37 @@ def test_eval_on_the_held_out_split_reproduces_the_runs_final_validation(run, ca
     assert set(result["per_class_acc"]) == set(str(i) for i in range(10))
 
 
+def test_eval_train_is_what_the_run_could_train_on_and_val_needs_a_held_out_part(run, tmp_path):
+    from resnetlab import evaluate_checkpoint
+
+    val = evaluate_checkpoint(run, split="val", tta=False)["images"]
+    assert evaluate_checkpoint(run, split="train", tta=False)["images"] == 1797 - val
+    mlp = tmp_path / "no_val"
+    train(TrainConfig(model="residual_mlp", epochs=1, batch_size=64, val_fraction=0, out=str(mlp)), progress=False)
+    with pytest.raises(UserError, match=r"--split val: the run held none of digits's training images out"):
+        evaluate_checkpoint(mlp, split="val")
+    assert evaluate_checkpoint(mlp, split="train")["images"] == 1797
+
+
+def test_a_run_on_a_relative_folder_is_evaluated_and_resumed_from_anywhere(tmp_path, monkeypatch):
+    from resnetlab import evaluate_checkpoint
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "work" / "imgs" / "train" / cls).mkdir(parents=True)
+        for i in range(40):
+            pixels = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "work" / "imgs" / "train" / cls / f"{i}.png")
+    monkeypatch.setenv("RESNETLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path / "work")
+    config = TrainConfig(model="resnet20", data="imgs", epochs=2, batch_size=16, out="run")
+    train(config, progress=False)
+    assert f'data = "{tmp_path / "work" / "imgs"}"' in (tmp_path / "work" / "run" / "config.toml").read_text()
+    monkeypatch.chdir(tmp_path)
+    assert evaluate_checkpoint("work/run", split="val")["images"] == 8
+    assert train(resume="work/run", progress=False).history[-1]["epoch"] == 2  # finished: nothing to redo
+
+
 def test_eval_prints_per_class_accuracy_and_the_confusion_matrix(run, capsys):
     assert main(["eval", str(run)]) == 0
     out = capsys.readouterr().out

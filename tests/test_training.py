@@ -208,10 +208,12 @@ def test_a_non_finite_loss_stops_the_run_and_writes_no_checkpoint(tmp_path):
     [
         (["--model", "resnet5"], "unknown model 'resnet5'"),
         (["--data", "/no/such/dir"], "no such file or folder"),
-        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--epochs", "0"], "--epochs must be >= 1, got 0"),
         (["--batch-size", "5000"], "fewer than one batch"),
         (["--config", "/no/such.toml"], "no such file"),
         (["--device", "cuda:7"], "--device"),
+        (["--device", "meta"], "--device 'meta': resnetlab runs on cpu or cuda[:N] (or auto)"),
+        (["--threads", "99999999999"], "--threads must be between 0 and 4096, got 99999999999"),
     ],
 )
 def test_user_mistakes_exit_2_without_traceback_or_files(tmp_path, argv, message):
@@ -220,6 +222,16 @@ def test_user_mistakes_exit_2_without_traceback_or_files(tmp_path, argv, message
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not run.exists()
+
+
+def test_a_bad_value_in_a_config_file_names_the_file_and_the_value(tmp_path):
+    config = tmp_path / "recipe.toml"
+    config.write_text("lr = -1\n")
+    with pytest.raises(UserError, match=r"^--config .*recipe.toml: --lr must be a positive number, got -1.0$"):
+        _parse(["--config", str(config)])
+    # The same value given as a flag is the flag's mistake, not the file's.
+    with pytest.raises(UserError, match=r"^--lr must be a positive number, got -1.0$"):
+        _parse(["--config", str(config), "--lr", "-1"])
 
 
 # --- multi-process ------------------------------------------------------------------------------

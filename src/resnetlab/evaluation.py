@@ -26,18 +26,26 @@ def pick_split(source: DataSource, split: str, config: TrainConfig, spec: str) -
 
     A folder whose class folders sit directly under it is a split of its own. ``val`` is the data
     set's own val split if it has one, else the part of its training split that training held out
-    (same fraction and split seed as the run). ``test`` exists only where the data set has one.
+    (same fraction and split seed as the run), and ``train`` the rest: the images the run could train
+    on. ``test`` exists only where the data set has one.
     """
     if "images" in source.splits:
         return source.splits["images"]
     if split in source.splits and split != "train":
         return source.splits[split]
-    if split == "val" and "train" in source.splits:
-        fraction = config.val_fraction or 0.1
-        _, val_idx = stratified_split(source.splits["train"].labels, fraction, config.split_seed)
-        return source.splits["train"].subset(val_idx)
-    if split == "train" and "train" in source.splits:
-        return source.splits["train"]
+    if split in ("train", "val") and "train" in source.splits:
+        whole = source.splits["train"]
+        if "val" in source.splits:
+            return whole
+        if not config.val_fraction:
+            if split == "val":
+                raise UserError(
+                    f"--split val: the run held none of {spec}'s training images out (--val-fraction 0) and "
+                    "the data set has no val split of its own"
+                )
+            return whole
+        train_idx, val_idx = stratified_split(whole.labels, config.val_fraction, config.split_seed)
+        return whole.subset(val_idx if split == "val" else train_idx)
     have = ", ".join(sorted(source.splits)) or "none"
     raise UserError(f"--data {spec}: has no {split!r} split (it has: {have})")
 

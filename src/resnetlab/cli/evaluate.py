@@ -13,8 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="evaluate a trained model on a split",
         description=(
             "Evaluate a run folder, checkpoint folder or model.safetensors. Without --data, the run's own "
-            "data set; --split val is the part training held out. A folder whose class folders sit "
-            "directly under it is evaluated as a split of its own."
+            "data set; --split val is the part training held out, --split train the rest. A folder whose "
+            "class folders sit directly under it is evaluated as a split of its own."
         ),
     )
     p.add_argument("checkpoint", help="run folder, checkpoint folder or model.safetensors")

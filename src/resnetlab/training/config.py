@@ -135,18 +135,33 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
             (self.grad_clip >= 0, "--grad-clip must be >= 0"),
             (0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)"),
-            (self.threads >= 0, "--threads must be >= 0"),
+            (0 <= self.threads <= 4096, "--threads must be between 0 and 4096"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
             (self.eval_every >= 1, "--eval-every must be >= 1"),
             (self.eval_translate >= 0, "--eval-translate must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
-                raise UserError(message)
+                value = getattr(self, message.split()[0][2:].replace("-", "_"))
+                raise UserError(f"{message}, got {_toml_value(value)}")
         for f in dataclasses.fields(self):
             choices = _choices(f)
             if choices and getattr(self, f.name) not in choices:
-                raise UserError(f"--{_flag(f.name)} must be one of {', '.join(choices)}")
+                raise UserError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+
+    def with_absolute_paths(self) -> TrainConfig:
+        """The same settings with the data, data root and initial weights as absolute paths where they
+        name existing files, so that the run folder's config finds them from any working directory
+        (``resnetlab eval RUN``, ``--resume RUN``)."""
+        from ..data.prepare import DATA_NAMES
+
+        def absolute(path: str) -> str:
+            return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
+
+        data = self.data if self.data.split(":")[0] in DATA_NAMES else absolute(self.data)
+        return dataclasses.replace(
+            self, data=data, data_root=absolute(self.data_root), init_weights=absolute(self.init_weights)
+        )
 
 
 # --- TOML and flags -------------------------------------------------------------------------------
@@ -277,7 +292,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             given = getattr(args, f.name)
             values[f.name] = {**values.get(f.name, {}), **given} if isinstance(given, dict) else given
     config = TrainConfig(**values)
-    config.validate()
+    try:
+        config.validate()
+    except UserError as err:
+        name = str(err).split()[0][2:].replace("-", "_")
+        if getattr(args, "config", None) and not hasattr(args, name):  # the value came from the file
+            raise UserError(f"--config {args.config}: {err}") from None
+        raise
     return config
 
 

@@ -496,6 +496,7 @@ def train(
     else:
         config = config or TrainConfig()
         config.validate()
+        config = config.with_absolute_paths()
         run_dir = _new_run_dir(config)
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -24,8 +24,13 @@ def resolve_device(spec: str) -> torch.device:
         device = torch.device(spec)
     except RuntimeError:
         raise UserError(f"--device {spec!r}: not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        # PyTorch parses every device type it knows (mps, xpu, meta, ...); resnetlab trains on these two.
+        raise UserError(f"--device {spec!r}: resnetlab runs on cpu or cuda[:N] (or auto)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {spec}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA devices")
     return device
 
 
