@@ -1,5 +1,6 @@
 import copy
 import pickle
+import re
 
 import pytest
 import torch
@@ -87,6 +88,39 @@ def test_forward_features_head_and_reset_classifier(name):
     assert model.num_classes == 3 and model(x).shape == (2, 3)
     model.reset_classifier(0)
     assert model(x).shape == (2, model.num_features)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "message"),
+    [
+        ("resnet_cifar", {"depth": "abc"}, "depth='abc': resnet_cifar takes an integer"),
+        ("residual_mlp", {"width": 1000.0}, "width=1000.0: residual_mlp takes an integer"),
+        ("resnet20", {"shortcut": "D"}, "shortcut='D': resnet20 takes one of 'A', 'B', 'C'"),
+        ("resnet18", {"widths": [64, "x", 256, 512]}, "widths=[64, 'x', 256, 512]: resnet18 takes Sequence[int]"),
+        ("mobilenet_v2", {"width_mult": True}, "width_mult=True: mobilenet_v2 takes a number"),
+        ("densenet121", {"input_size": [32]}, "input_size=[32]: densenet121 takes tuple[int, int] | None"),
+    ],
+)
+def test_model_arguments_of_the_wrong_type_are_named(name, kwargs, message):
+    from resnetlab.models.registry import check_arguments
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_arguments(name, kwargs)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("resnet_cifar", {"depth": 14, "shortcut": "B", "widths": (8, 16, 32)}),
+        ("residual_mlp", {"width": 32, "norm": None, "input_size": [8, 8]}),
+        ("mobilenet_v2", {"width_mult": 1}),  # an int where a float is annotated
+        ("efficientnet_b0", {"stochastic_depth_prob": 0.1, "unknown": 1}),  # unknown: the builder's call
+    ],
+)
+def test_model_arguments_of_the_right_type_pass_the_check(name, kwargs):
+    from resnetlab.models.registry import check_arguments
+
+    check_arguments(name, kwargs)
 
 
 def test_the_mlp_names_the_input_shape_it_expects():

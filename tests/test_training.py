@@ -214,6 +214,7 @@ def test_a_non_finite_loss_stops_the_run_and_writes_no_checkpoint(tmp_path):
         (["--device", "cuda:7"], "--device"),
         (["--device", "meta"], "--device 'meta': resnetlab runs on cpu or cuda[:N] (or auto)"),
         (["--threads", "99999999999"], "--threads must be between 0 and 4096, got 99999999999"),
+        (["--model", "resnet_cifar", "--model-args", "depth=abc"], "--model-args depth='abc': resnet_cifar takes an"),
     ],
 )
 def test_user_mistakes_exit_2_without_traceback_or_files(tmp_path, argv, message):
@@ -232,6 +233,29 @@ def test_a_bad_value_in_a_config_file_names_the_file_and_the_value(tmp_path):
     # The same value given as a flag is the flag's mistake, not the file's.
     with pytest.raises(UserError, match=r"^--lr must be a positive number, got -1.0$"):
         _parse(["--config", str(config), "--lr", "-1"])
+
+
+def test_init_weights_fine_tunes_with_a_new_classifier_and_names_what_does_not_fit(tmp_path):
+    def run(name, model, data, **kwargs):
+        config = TrainConfig(model=model, data=data, epochs=1, batch_size=16, out=str(tmp_path / name), **kwargs)
+        return train(config, progress=False, verbose=False)
+
+    # MobileNetV2's classifier is classifier.1: a 10-class one is replaced for 3 classes, the rest loaded.
+    from resnetlab.training.distributed import SINGLE_PROCESS
+    from resnetlab.training.engine import Trainer
+
+    source = run("ten", "mobilenet_v2_cifar", "synthetic:3x32x32:10:64")
+    config = TrainConfig(
+        model="mobilenet_v2_cifar", data="synthetic:3x32x32:3:48", batch_size=16, init_weights=str(source.run_dir)
+    )
+    loaded = Trainer(config, torch.device("cpu"), SINGLE_PROCESS).core.state_dict()
+    trained = weights(source.run_dir)
+    assert loaded["classifier.1.weight"].shape == (3, 1280)
+    assert all(torch.equal(loaded[k], v) for k, v in trained.items() if not k.startswith("classifier."))
+    # Another architecture: refused, naming the keys.
+    small = run("r20", "resnet20", "synthetic:3x32x32:10:64")
+    with pytest.raises(UserError, match=r"the weights do not fit --model \(Missing key\(s\) in state_dict: layer1.3"):
+        run("r32", "resnet32", "synthetic:3x32x32:10:64", init_weights=str(small.run_dir))
 
 
 # --- multi-process ------------------------------------------------------------------------------

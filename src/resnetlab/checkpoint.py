@@ -293,12 +293,28 @@ def load_model(
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        # PyTorch's first line is only a header; the next ones name the keys and shapes that differ.
-        details = [_shorten_key_list(line.strip()) for line in str(err).splitlines()[1:] if line.strip()]
-        what = "; ".join(details[:2]) if details else "shapes or names differ"
-        more = f"; {len(details) - 2} more differences" if len(details) > 2 else ""
-        raise UserError(f"{file}: the weights do not fit the {model_name or info.model} ({what}{more})") from None
+        raise UserError(f"{file}: the weights do not fit the {model_name or info.model} ({misfit(err)})") from None
     return model.to(map_location).eval(), info
+
+
+def misfit(err: Exception) -> str:
+    """One line from the error of a ``load_state_dict`` that failed: the first two differences.
+
+    PyTorch's first line is only a header ("Error(s) in loading state_dict for ResNet:"); the next ones
+    name the keys and shapes that differ, with every key listed.
+    """
+    lines = str(err).splitlines()
+    if not lines:
+        return type(err).__name__
+    details = [_shorten_key_list(line.strip()) for line in lines[1:] if line.strip()] or [lines[0]]
+    more = f"; {len(details) - 2} more differences" if len(details) > 2 else ""
+    return "; ".join(details[:2]) + more
+
+
+def classifier_key(model: nn.Module) -> str | None:
+    """The state_dict prefix of ``model``'s classifier (its last linear layer: ``fc``, ``classifier.1``)."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
 
 
 def _shorten_key_list(line: str, keep: int = 3) -> str:
@@ -322,8 +338,8 @@ def _shape_of_bare_state(model_name: str, state: dict, num_classes: int | None) 
         reference = create_model(model_name)
     ref_state = reference.state_dict()
     kwargs: dict[str, int] = {}
-    linears = [name for name, m in reference.named_modules() if isinstance(m, nn.Linear)]
-    classifier = state.get(f"{linears[-1]}.weight") if linears else None
+    head = classifier_key(reference)
+    classifier = state.get(f"{head}.weight") if head else None
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     elif isinstance(classifier, torch.Tensor) and classifier.ndim == 2:

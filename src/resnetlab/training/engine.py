@@ -22,9 +22,11 @@ from torch import nn
 
 from ..checkpoint import (
     ModelInfo,
+    classifier_key,
     intact_checkpoints,
     latest_checkpoint,
     load_train_state,
+    misfit,
     read_model_file,
     save_checkpoint,
 )
@@ -386,8 +388,7 @@ class Trainer:
             torch.set_rng_state(state["rng"]["torch"])
             self.position = Position(**state["position"])
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise UserError(f"{ckpt}: does not fit this run ({first})") from None
+            raise UserError(f"{ckpt}: does not fit this run ({misfit(err)})") from None
 
 
 def load_initial_weights(model: nn.Module, source: str) -> None:
@@ -397,14 +398,14 @@ def load_initial_weights(model: nn.Module, source: str) -> None:
 
     weights, _ = read_model_file(resolve_model_file(source))
     own = model.state_dict()
-    head = [k for k in weights if k.startswith("fc.") and k in own and weights[k].shape != own[k].shape]
+    prefix = f"{classifier_key(model)}."
+    head = [k for k in weights if k.startswith(prefix) and k in own and weights[k].shape != own[k].shape]
     for k in head:
         del weights[k]
     try:
         model.load_state_dict(weights, strict=not head)
     except RuntimeError as err:
-        first = str(err).splitlines()[0]
-        raise UserError(f"--init-weights {source}: the weights do not fit --model ({first})") from None
+        raise UserError(f"--init-weights {source}: the weights do not fit --model ({misfit(err)})") from None
     missing = set(own) - set(weights)
     if missing - set(head):
         raise UserError(f"--init-weights {source}: no weights for {sorted(missing - set(head))[:3]}")

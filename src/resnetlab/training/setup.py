@@ -13,6 +13,7 @@ from ..data.prepare import PreparedData
 from ..data.types import ImageArray, Split
 from ..errors import UserError
 from ..models import create_model, model_entry
+from ..models.registry import check_arguments
 from .config import TrainConfig
 from .distributed import SINGLE_PROCESS, DistInfo
 
@@ -68,6 +69,13 @@ def build_model(config: TrainConfig, data: PreparedData) -> tuple[nn.Module, dic
     kwargs = model_kwargs(config, data)
     try:
         model_entry(config.model)
+    except ValueError as err:
+        raise UserError(f"--model {config.model}: {err}") from None
+    try:
+        check_arguments(config.model, config.model_args)
+    except ValueError as err:
+        raise UserError(f"--model-args {err}") from None
+    try:
         model = create_model(config.model, zero_init_residual=config.zero_init_residual, **kwargs)
     except (ValueError, TypeError) as err:  # unknown name, bad value, or an argument it does not take
         raise UserError(f"--model {config.model}: {err}") from None
