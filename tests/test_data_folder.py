@@ -436,3 +436,98 @@ def test_make_loader_passes_alternating_flips_to_streamed_training_files_only(no
     assert make_loader(train, 2, train=True, **args).dataset.alternate_flip
     assert not make_loader(train, 2, train=False, **args).dataset.alternate_flip
     assert not make_loader(train, 2, train=True, **{**args, "augment": BatchAugment()}).dataset.alternate_flip
+
+
+# --- bad files while streaming -------------------------------------------------------------------------
+
+
+def truncated_jpeg(path: Path, size=(80, 80)) -> Path:
+    whole = noise(path.with_name("whole-" + path.name), size=size, seed=99)
+    path.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])  # cut inside the pixel data
+    whole.unlink()
+    return path
+
+
+@pytest.fixture
+def streamed_with_a_bad_file(tmp_path: Path) -> tuple[FileList, str]:
+    """Eight 80 x 80 images (more than the in-memory 64 px) and a truncated JPEG in the middle."""
+    paths = [str(noise(tmp_path / "s" / "k" / f"{i}.png", size=(80, 80), seed=i)) for i in range(8)]
+    bad = str(truncated_jpeg(tmp_path / "s" / "k" / "4.jpg"))
+    paths.insert(4, bad)
+    return FileList(paths, torch.tensor([0] * 4 + [1] * 5)), bad
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_bad_streamed_file_is_one_line_naming_it_not_a_worker_traceback(streamed_with_a_bad_file, train):
+    from resnetlab.data.loader import StreamingLoader
+
+    files, bad = streamed_with_a_bad_file
+    loader = StreamingLoader(files, 3, train=train, image_size=72, channels=3, workers=1)
+    with pytest.raises(UserError) as err:
+        list(loader.batches())
+    message = str(err.value)
+    assert message.startswith(f"cannot decode 1 image file(s): {bad} (") and "\n" not in message
+    assert "--skip-bad-images" in message and "DataLoader worker" not in message
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_bad_images_while_streaming_keeps_full_training_batches_and_lists_the_file(
+    streamed_with_a_bad_file, workers
+):
+    from resnetlab.data.loader import StreamingLoader
+
+    files, bad = streamed_with_a_bad_file
+    common = dict(image_size=72, channels=3, workers=workers, skip_bad_images=True)
+    train = StreamingLoader(files, 3, train=True, **common)
+    batches = list(train.batches())
+    assert [len(y) for _, y in batches] == [3, 3, 3] and train.skipped == [bad]
+    assert all(x.shape[1:] == (3, 72, 72) for x, _ in batches)
+    # Validation leaves the file out, as in-memory loading leaves it out of the data set.
+    val = StreamingLoader(files, 3, train=False, **common)
+    labels = torch.cat([y for _, y in val.batches()])
+    assert labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1] and val.skipped == [bad]
+
+
+def test_training_a_streamed_folder_names_or_skips_a_truncated_jpeg(tmp_path, capsys, monkeypatch):
+    from resnetlab.cli import main
+
+    monkeypatch.setenv("RESNETLAB_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "ds"
+    for i in range(12):
+        noise(root / "train" / ("cat" if i % 2 else "dog") / f"{i}.png", size=(80, 76), seed=i)
+    for i in range(4):
+        noise(root / "val" / ("cat" if i % 2 else "dog") / f"{i}.png", size=(80, 76), seed=20 + i)
+    bad_train = truncated_jpeg(root / "train" / "cat" / "zz.jpg")
+    bad_val = root / "val" / "dog" / "zz.jpg"
+    bad_val.write_text("not a JPEG")
+    argv = ["train", "--data", str(root), "--image-size", "72", "--epochs", "1", "--batch-size", "4"]
+    argv += ["--workers", "1", "--model", "resnet20"]
+
+    assert main([*argv, "--out", str(tmp_path / "fails")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("resnetlab train: error: cannot decode 1 image file(s): ") and "\n" not in err
+    assert str(bad_train) in err
+
+    assert main([*argv, "--out", str(tmp_path / "skips"), "--skip-bad-images"]) == 0
+    out = capsys.readouterr().out
+    assert f"skipped 2 unreadable images: {bad_train}, {bad_val}" in out
+
+
+def test_a_streamed_folder_of_bad_files_only_is_an_error_when_skipping(tmp_path):
+    from resnetlab.data.loader import StreamingLoader
+
+    paths = []
+    for i in range(3):
+        (tmp_path / f"{i}.jpg").write_bytes(b"")
+        paths.append(str(tmp_path / f"{i}.jpg"))
+    loader = StreamingLoader(
+        FileList(paths, torch.zeros(3, dtype=torch.int64)),
+        3,
+        train=True,
+        image_size=72,
+        channels=3,
+        workers=0,
+        skip_bad_images=True,
+    )
+    with pytest.raises(UserError, match="broken folder"):
+        list(loader.batches())

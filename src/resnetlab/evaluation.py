@@ -102,7 +102,13 @@ def evaluate_checkpoint(
             f"{tuple(info.input_shape)}"
         )
     loader = make_loader(
-        chosen, batch_size, train=False, device=dev, input_shape=info.input_shape, workers=config.workers
+        chosen,
+        batch_size,
+        train=False,
+        device=dev,
+        input_shape=info.input_shape,
+        workers=config.workers,
+        skip_bad_images=config.skip_bad_images,
     )
     views = {"flip": config.eval_flip and tta, "translate": config.eval_translate if tta else 0}
     result = evaluate(model, loader, Preprocess(info.mean, info.std).to(dev), len(info.classes), **views)

@@ -128,6 +128,16 @@ def fit_image(img: Image.Image, size: int) -> Image.Image:
     return _center_crop(_resize_shorter(img, size), size)
 
 
+def bad_images_error(bad: Sequence[tuple[str, str]]) -> UserError:
+    """The error for image files that do not decode, given as (name, reason): the first three are named."""
+    listed = "; ".join(f"{name} ({reason})" for name, reason in bad[:3])
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    return UserError(
+        f"cannot decode {len(bad)} image file(s): {listed}{more}. "
+        "Remove or replace them, or pass --skip-bad-images to leave them out"
+    )
+
+
 def _decode_chunk(sources: list[bytes | str], image_size: int | None, channels: int | None) -> list[_Result]:
     """Decode a batch of images (runs in pool workers): an array per image, or an error string."""
     out: list[_Result] = []
@@ -475,12 +485,7 @@ def _assemble(
     """Stack decoded images into arrays per split; None when ``auto`` finds them too large for memory."""
     bad = [k for items in scan.splits.values() for k, _ in items if isinstance(results[k], str)]
     if bad and not skip_bad_images:
-        listed = "; ".join(f"{scan.display(k)} ({results[k]})" for k in bad[:3])
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise UserError(
-            f"cannot decode {len(bad)} image file(s): {listed}{more}. "
-            "Remove or replace them, or pass --skip-bad-images to leave them out"
-        )
+        raise bad_images_error([(scan.display(k), str(results[k])) for k in bad])
     decoded = {k: r for k, r in results.items() if isinstance(r, np.ndarray)}
     good = {s: [(k, lb) for k, lb in items if k in decoded] for s, items in scan.splits.items()}
     good = {s: items for s, items in good.items() if items}
@@ -726,6 +731,15 @@ def _random_resized_crop_box(w: int, h: int, rng: np.random.Generator) -> tuple[
     return left, top, left + cw, top + ch
 
 
+# One item as the streaming loader reads it (see ImageFileDataset.item): the image, None when no file
+# could be used; its label; the files that did not decode on the way, as (path, reason).
+Item = tuple[torch.Tensor | None, int, list[tuple[str, str]]]
+
+# Training with skip_bad_images takes the next readable file in place of a bad one, looking this far
+# ahead: a longer run of unreadable files is a broken folder, not a few bad files, and is an error.
+MAX_BAD_IN_A_ROW = 64
+
+
 class ImageFileDataset(torch.utils.data.Dataset):
     """Decodes the images of a FileList one at a time: items are (uint8 tensor (C, S, S), int label).
 
@@ -740,8 +754,9 @@ class ImageFileDataset(torch.utils.data.Dataset):
 
     Archive members (``archive::member`` paths) are read through a tar file opened lazily in each
     worker. That is fine for a plain ``.tar``; from a ``.tar.gz`` or ``.tgz`` every read decompresses
-    from the start of the archive, which is very slow: extract it first. Unreadable files raise
-    UserError naming the file (``skip_bad_images`` only applies to in-memory loading).
+    from the start of the archive, which is very slow: extract it first. ``ds[i]`` raises UserError
+    naming an unreadable file; :meth:`item`, what the streaming loader reads, returns it instead and
+    applies ``skip_bad_images``.
     """
 
     def __init__(
@@ -753,6 +768,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
         train: bool,
         alternate_flip: bool = False,
         seed: int = 0,
+        skip_bad_images: bool = False,
     ) -> None:
         if channels is None:  # decided from a sample of the files: see sniff_channels
             channels = sniff_channels(file_list)
@@ -762,6 +778,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
         self.labels = file_list.labels.tolist()
         self.image_size, self.channels, self.train, self.seed = image_size, channels, train, seed
         self.alternate_flip = alternate_flip
+        self.skip_bad_images = skip_bad_images
         self.epoch = 0
         # archive -> (pid, open tar, member index); reopened in each process, since a forked worker
         # must not share the parent's file position.
@@ -793,17 +810,19 @@ class ImageFileDataset(torch.utils.data.Dataset):
         info = entry[2].get(member)
         handle = entry[1].extractfile(info) if info is not None else None
         if handle is None:
-            raise UserError(f"cannot read image {path}: no such file in the archive")
+            raise FileNotFoundError("no such file in the archive")
         return handle.read()
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, size = self.paths[index], self.image_size
+    def _decode(self, index: int) -> Image.Image | str:
+        """The image of file ``index`` in the dataset's channels, or why it could not be read."""
         try:
-            img = _convert(_load(self._read(path)), self.channels)
-        except UserError:
-            raise
-        except Exception as exc:
-            raise UserError(f"cannot decode image {path}: {_reason(exc)}") from None
+            return _convert(_load(self._read(self.paths[index])), self.channels)
+        except Exception as exc:  # Pillow's decoders and tarfile raise many types; each is one bad file
+            return _reason(exc)
+
+    def _tensor(self, img: Image.Image, index: int) -> torch.Tensor:
+        """Crop (and when training, flip) the image for position ``index`` of the epoch."""
+        size = self.image_size
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             box = _random_resized_crop_box(*img.size, rng)
@@ -818,4 +837,34 @@ class ImageFileDataset(torch.utils.data.Dataset):
             img = _center_crop(_resize_shorter(img, round(size / EVAL_CROP_FRACTION)), size)
         arr = np.array(img)  # a writable copy, which torch.from_numpy wants
         tensor = torch.from_numpy(arr).unsqueeze(0) if arr.ndim == 2 else torch.from_numpy(arr).permute(2, 0, 1)
-        return tensor.contiguous(), self.labels[index]
+        return tensor.contiguous()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        img = self._decode(index)
+        if isinstance(img, str):
+            raise bad_images_error([(self.paths[index], img)])
+        return self._tensor(img, index), self.labels[index]
+
+    def item(self, index: int) -> Item:
+        """``(image, label, bad)`` without raising for unreadable files, which ``bad`` lists.
+
+        Raised in a DataLoader worker, the error would reach the user wrapped in the worker's traceback;
+        returned, the loader raises it in the main process or, with ``skip_bad_images``, lists the file.
+        Without ``skip_bad_images``, or when validating, a bad file gives image None: the loader raises,
+        or leaves the file out of the batch as in-memory loading leaves it out of the data set. When
+        training with ``skip_bad_images`` the next readable file of the list stands in (up to
+        :data:`MAX_BAD_IN_A_ROW` files on): every training step keeps its ``batch_size`` images, which
+        the step count, the position a resumed run restarts from, the processes' equal shares and
+        compiled graphs rely on. A file seen twice per bad file in an epoch is cheap next to the
+        alternative, checking every file before training, which decodes the whole data set once more.
+        """
+        bad: list[tuple[str, str]] = []
+        tries = min(len(self), MAX_BAD_IN_A_ROW + 1) if self.train and self.skip_bad_images else 1
+        for k in range(tries):
+            j = (index + k) % len(self)
+            img = self._decode(j)
+            if not isinstance(img, str):
+                # Augmented as position ``index``: a stand-in does not repeat the crop of its own position.
+                return self._tensor(img, index), self.labels[j], bad
+            bad.append((self.paths[j], img))
+        return None, self.labels[index], bad

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import UserError
 from .augment import BatchAugment, alternating_flips
 from .types import FileList, ImageArray
+
+if TYPE_CHECKING:
+    from .folder import ImageFileDataset, Item
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -44,6 +49,8 @@ class _Loader:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        # Image files found unreadable while streaming and left out (skip_bad_images), in the order met.
+        self.skipped: list[str] = []
 
     def __len__(self) -> int:
         """Steps per epoch: full batches only when training (every step sees ``batch_size`` images)."""
@@ -102,8 +109,35 @@ class InMemoryLoader(_Loader):
             yield x, y
 
 
+class _Items(torch.utils.data.Dataset):
+    """An ImageFileDataset as the workers read it: :meth:`ImageFileDataset.item`, which returns bad files."""
+
+    def __init__(self, dataset: ImageFileDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Item:
+        return self.dataset.item(index)
+
+
+def _collate(items: list[Item]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+    """Stack the images that decoded (DataLoader's own collation, shared memory in workers); list the rest."""
+    good = [(x, y) for x, y, _ in items if x is not None]
+    bad = [b for _, _, found in items for b in found]
+    if not good:
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), bad
+    images, labels = torch.utils.data.default_collate(good)
+    return images, labels, bad
+
+
 class StreamingLoader(_Loader):
-    """Batches decoded from image files by DataLoader worker processes (for large images)."""
+    """Batches decoded from image files by DataLoader worker processes (for large images).
+
+    A file that does not decode is an error naming it, raised here in the main process; with
+    ``skip_bad_images`` it is left out (see :meth:`ImageFileDataset.item`) and listed in ``skipped``.
+    """
 
     def __init__(
         self,
@@ -116,6 +150,7 @@ class StreamingLoader(_Loader):
         alternate_flip: bool = False,
         seed: int = 0,
         workers: int = 2,
+        skip_bad_images: bool = False,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -123,14 +158,38 @@ class StreamingLoader(_Loader):
 
         super().__init__(len(files), batch_size, train, seed, rank, world_size)
         self.dataset = ImageFileDataset(
-            files, image_size=image_size, channels=channels, train=train, alternate_flip=alternate_flip, seed=seed
+            files,
+            image_size=image_size,
+            channels=channels,
+            train=train,
+            alternate_flip=alternate_flip,
+            seed=seed,
+            skip_bad_images=skip_bad_images,
         )
         self.workers = workers
 
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
+        from .folder import MAX_BAD_IN_A_ROW, bad_images_error
+
         batches = [index[self._local(index)].tolist() for _, index in self._global_batches(epoch, start)]
         self.dataset.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=batches, num_workers=self.workers, persistent_workers=False
+            _Items(self.dataset),
+            batch_sampler=batches,
+            num_workers=self.workers,
+            persistent_workers=False,
+            collate_fn=_collate,
         )
-        yield from loader
+        for (x, y, bad), index in zip(loader, batches, strict=True):
+            if bad and not self.dataset.skip_bad_images:
+                raise bad_images_error(bad)
+            for path, _ in bad:
+                if path not in self.skipped:  # a file is met again in every epoch
+                    self.skipped.append(path)
+            if self.train and len(y) < len(index):  # no readable stand-in within reach
+                raise UserError(
+                    f"more than {MAX_BAD_IN_A_ROW} image files in a row (or all of them) do not decode, such as "
+                    f"{bad[-1][0]} ({bad[-1][1]}): that is a broken folder, not a few bad files to skip"
+                )
+            if len(y):  # a validation batch of bad files only is left out whole
+                yield x, y

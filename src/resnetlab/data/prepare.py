@@ -117,7 +117,7 @@ def prepare_data(
         # A stratified subset for quick studies; the validation split stays whole.
         keep, _ = stratified_split(train.labels, 1 - train_fraction, split_seed + 1)
         train = train.subset(keep)
-    mean, std = channel_stats(train)
+    mean, std = channel_stats(train, skip_bad_images=skip_bad_images)
     return PreparedData(
         name=source.name,
         classes=source.classes,
@@ -143,14 +143,27 @@ def sample_shape(split: Split, image_size: int | None) -> tuple[int, int, int]:
     return (c, image_size, image_size)
 
 
-def channel_stats(split: Split, sample: int = 2000) -> tuple[list[float], list[float]]:
-    """Per-channel mean and standard deviation on the 0..1 scale (streamed splits: a sample)."""
+def channel_stats(
+    split: Split, sample: int = 2000, *, skip_bad_images: bool = False
+) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation on the 0..1 scale (streamed splits: a sample, in which a
+    file that does not decode is an error, or with ``skip_bad_images`` left out)."""
     if isinstance(split, FileList):
         from .folder import ImageFileDataset
 
         ds = ImageFileDataset(split, image_size=64, channels=None, train=False)
         pick = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:sample]
-        images = torch.stack([ds[i][0] for i in pick.tolist()])
+        decoded = []
+        for i in pick.tolist():
+            try:
+                decoded.append(ds[i][0])
+            except UserError:
+                if not skip_bad_images:
+                    raise
+                # Not listed here: the training loader meets the file too, skips it and lists it.
+        if not decoded:
+            raise UserError(f"none of {len(pick)} image files sampled from the training split decodes")
+        images = torch.stack(decoded)
     else:
         images = split.images
     total = torch.zeros(images.shape[1], dtype=torch.float64)

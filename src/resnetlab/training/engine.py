@@ -147,7 +147,12 @@ class Trainer:
                 f"({data.input_shape[1]}x{data.input_shape[2]})"
             )
         loader_args = dict(
-            device=device, input_shape=data.input_shape, seed=config.seed, workers=config.workers, dist=dist
+            device=device,
+            input_shape=data.input_shape,
+            seed=config.seed,
+            workers=config.workers,
+            skip_bad_images=config.skip_bad_images,
+            dist=dist,
         )
         augment = choose_augment(config, data)
         self.train_loader = make_loader(data.train, config.batch_size, train=True, augment=augment, **loader_args)
@@ -623,6 +628,13 @@ def _loop(
         totals = all_reduce_sum(totals, dist)
         due = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
         val = trainer.evaluate() if due else None
+        # Streamed files are only decoded now, so --skip-bad-images lists them as they turn up, in the words
+        # of the list in-memory loading prints before training.
+        loaders = [trainer.train_loader] + ([trainer.val_loader] if trainer.val_loader else [])
+        fresh = list(dict.fromkeys(p for ld in loaders for p in ld.skipped if p not in data.skipped))
+        if fresh:
+            data.skipped.extend(fresh)
+            say(f"skipped {len(fresh)} unreadable images: " + ", ".join(fresh[:10]))
         pos.elapsed = elapsed_before + time.monotonic() - session_start
         record = {
             "epoch": epoch + 1,

@@ -112,10 +112,12 @@ def make_loader(
     augment: BatchAugment | None = None,
     seed: int = 0,
     workers: int = 2,
+    skip_bad_images: bool = False,
     dist: DistInfo = SINGLE_PROCESS,
 ) -> InMemoryLoader | StreamingLoader:
     """In-memory batches for decoded images, worker processes for files streamed from disk (which crop
-    and flip on their own, alternating the flips as ``augment`` says)."""
+    and flip on their own, alternating the flips as ``augment`` says, and skip the files that do not
+    decode when ``skip_bad_images``: in-memory data left them out when it was loaded)."""
     common = dict(train=train, seed=seed, rank=dist.rank, world_size=dist.world_size)
     try:
         if isinstance(split, ImageArray):
@@ -123,7 +125,14 @@ def make_loader(
         c, h, _ = input_shape
         alternate = train and augment is not None and augment.alternate_flip
         return StreamingLoader(
-            split, batch_size, image_size=h, channels=c, alternate_flip=alternate, workers=workers, **common
+            split,
+            batch_size,
+            image_size=h,
+            channels=c,
+            alternate_flip=alternate,
+            workers=workers,
+            skip_bad_images=skip_bad_images,
+            **common,
         )
     except ValueError as err:
         raise UserError(f"--batch-size {batch_size}: {err}") from None
