@@ -278,6 +278,60 @@ def test_eval_reproduces_a_run_validated_with_flips_and_shifts_and_can_leave_the
     assert plain["loss"] != pytest.approx(with_tta["loss"], rel=1e-6)
 
 
+def _noise(path, size, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("image_size", [72, 32])
+def test_predict_prepares_an_image_as_eval_and_the_runs_validation_on_streamed_runs(
+    tmp_path, capsys, monkeypatch, image_size
+):
+    import resnetlab.data.folder as folder
+    from resnetlab.data.folder import ImageFileDataset
+    from resnetlab.data.types import FileList
+    from resnetlab.predict import load_images
+
+    monkeypatch.setenv("RESNETLAB_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    for i in range(8):
+        _noise(data / ("cat" if i % 2 else "dog") / f"{i}.png", (90, 76), i)
+    image = _noise(tmp_path / "one" / "dog" / "x.png", (90, 76), 99)  # not square: the crop matters
+    out = tmp_path / "run"
+    config = TrainConfig(data=str(data), image_size=image_size, epochs=1, batch_size=4, workers=0, out=str(out))
+    with monkeypatch.context() as m:
+        # Above 64 px images always stream; at 32 px they stream only when the data set is large.
+        m.setattr(folder, "IN_MEMORY_MAX_BYTES", 2**31 if image_size > 64 else 1)
+        train(config, progress=False)
+    _, info = load_model(out)
+    assert info.crop_fraction == folder.EVAL_CROP_FRACTION
+
+    # The pixels: predict's are those of the validation the run measured its accuracy with.
+    one = FileList([str(image)], torch.tensor([0]))
+    validation = ImageFileDataset(one, image_size=image_size, channels=3, train=False)
+    assert torch.equal(load_images([image], info.input_shape, info.crop_fraction)[0], validation[0][0])
+    # The probabilities: eval's loss on the one image is -log p(dog).
+    assert main(["eval", str(out), "--data", str(tmp_path / "one"), "--no-tta", "--json"]) == 0
+    p_eval = float(np.exp(-_json_tail(capsys)["loss"]))
+    assert main(["predict", str(out), str(image), "--json"]) == 0
+    top = _json_tail(capsys)["predictions"][0]["top"]
+    p_predict = next(t["probability"] for t in top if t["class"] == "dog")
+    assert p_predict == pytest.approx(p_eval, rel=1e-4, abs=2e-6)
+
+
+def test_model_files_without_a_recorded_crop_take_the_streamed_one_above_64_px():
+    from resnetlab.checkpoint import ModelInfo
+
+    def info(side):
+        meta = ModelInfo("resnet20", {}, ["a"], [0.5] * 3, [0.2] * 3, (3, side, side)).to_metadata()
+        del meta["crop_fraction"]  # as written before it was recorded
+        return ModelInfo.from_metadata(meta, "old.safetensors")
+
+    assert info(72).crop_fraction == 0.875 and info(32).crop_fraction == 1.0
+
+
 def test_a_shift_as_large_as_the_images_is_refused_before_training(tmp_path):
     config = TrainConfig(data="digits", epochs=1, eval_translate=8, out=str(tmp_path / "r"))
     with pytest.raises(UserError, match=r"--eval-translate 8: must be smaller than the images \(8x8\)"):

@@ -48,6 +48,9 @@ class ModelInfo:
     mean: list[float]  # per-channel input normalisation on the 0..1 scale
     std: list[float]
     input_shape: tuple[int, int, int]  # (C, H, W) of the training images
+    # How validation images were cropped (resnetlab.data.folder.fit_image): 1.0 when the data was decoded
+    # into memory, EVAL_CROP_FRACTION when it was streamed; predict and eval prepare images the same way.
+    crop_fraction: float = 1.0
     epoch: int = 0
     config: str = ""  # the training configuration, as TOML
     extra: dict[str, Any] = field(default_factory=dict)
@@ -70,6 +73,8 @@ class ModelInfo:
         try:
             values = {k: json.loads(meta[k]) for k in cls.__dataclass_fields__ if k in meta}
             values["input_shape"] = tuple(values["input_shape"])
+            if "crop_fraction" not in values:
+                values["crop_fraction"] = _unrecorded_crop_fraction(values["input_shape"])
             return cls(**values)
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{where}: damaged resnetlab metadata ({err})") from None
@@ -77,6 +82,14 @@ class ModelInfo:
     def build(self) -> nn.Module:
         """A fresh model of the recorded architecture (weights not loaded)."""
         return create_model(self.model, **self.model_kwargs)
+
+
+def _unrecorded_crop_fraction(input_shape: tuple[int, int, int]) -> float:
+    """The validation crop of a model file written before it was recorded: images larger than the
+    in-memory limit were always streamed (smaller ones only when the data set passed 2 GiB, rarely)."""
+    from .data.folder import EVAL_CROP_FRACTION, IN_MEMORY_MAX_SIDE
+
+    return EVAL_CROP_FRACTION if max(input_shape[1:]) > IN_MEMORY_MAX_SIDE else 1.0
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:

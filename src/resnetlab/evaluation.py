@@ -94,6 +94,9 @@ def evaluate_checkpoint(
         channels=c,
         skip_bad_images=config.skip_bad_images,
         seed=config.seed,
+        # A model validated on streamed images is evaluated on streamed images: the same crop (see
+        # ModelInfo.crop_fraction), whatever size this data set has.
+        in_memory=False if info.crop_fraction != 1 else None,
     )
     chosen = _relabel(pick_split(source, split, config, spec), source.classes, info.classes, spec)
     if isinstance(chosen, ImageArray) and tuple(chosen.images.shape[1:]) != tuple(info.input_shape):

@@ -14,17 +14,20 @@ from .errors import UserError
 from .training.setup import Preprocess, resolve_device
 
 
-def load_images(paths: list[str | Path], shape: tuple[int, int, int]) -> torch.Tensor:
-    """Decode files into a uint8 batch of ``shape`` (C, H, W): converted to the model's channels and,
-    where the size differs, resized (shorter side) and centre-cropped as image folders are."""
+def load_images(paths: list[str | Path], shape: tuple[int, int, int], crop_fraction: float = 1.0) -> torch.Tensor:
+    """Decode files into a uint8 batch of ``shape`` (C, H, W): converted to the model's channels and
+    prepared as its validation images were (:func:`fit_image` with the model's ``crop_fraction``); a
+    non-square shape (native-size training images) is a plain resize where the size differs."""
     c, h, w = shape
     images = []
     for path in paths:
         if not Path(path).is_file():
             raise UserError(f"{path}: no such image file")
         img = decode_image(str(path), channels=c)
-        if img.size != (w, h):
-            img = fit_image(img, h) if h == w else img.resize((w, h))
+        if h == w:
+            img = fit_image(img, h, crop_fraction)
+        elif img.size != (w, h):
+            img = img.resize((w, h))
         array = np.asarray(img, dtype=np.uint8)
         images.append(torch.from_numpy(array.reshape(h, w, c).copy()).permute(2, 0, 1))
     return torch.stack(images)
@@ -40,7 +43,7 @@ def predict(
     model, info = load_model(checkpoint, map_location=dev)
     if info is None:
         raise UserError(f"{checkpoint}: a bare state_dict has no class names or normalisation to predict with")
-    batch = load_images(images, info.input_shape).to(dev)
+    batch = load_images(images, info.input_shape, info.crop_fraction).to(dev)
     with torch.no_grad():
         probs = model(Preprocess(info.mean, info.std).to(dev)(batch)).softmax(1).cpu()
     k = min(top_k, probs.shape[1])

@@ -56,7 +56,8 @@ GRAY_MODES = frozenset({"1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 # The automatic in-memory choice: small images (CIFAR-like) whose decoded array fits comfortably in RAM.
 IN_MEMORY_MAX_BYTES = 2 * 1024**3
 IN_MEMORY_MAX_SIDE = 64
-# Eval-time resize for streamed data: shorter side to size / 0.875, then a center crop (the ImageNet habit).
+# Eval-time resize for streamed data: shorter side to size / 0.875, then a center crop (the ImageNet habit,
+# which goes with the random resized crops streamed training draws). In-memory data is cropped whole (1.0).
 EVAL_CROP_FRACTION = 0.875
 CACHE_FORMAT = 1
 # Below this many images a process pool costs more to start than it saves.
@@ -123,9 +124,14 @@ def _center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def fit_image(img: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to ``size`` and centre-crop ``size`` x ``size`` (unchanged if already so)."""
-    return _center_crop(_resize_shorter(img, size), size)
+def fit_image(img: Image.Image, size: int, crop_fraction: float = 1.0) -> Image.Image:
+    """Resize the shorter side to ``round(size / crop_fraction)`` and centre-crop ``size`` x ``size``
+    (unchanged if already so).
+
+    The one way evaluation images are prepared: decoding into memory (``crop_fraction=1``), streamed
+    validation (:data:`EVAL_CROP_FRACTION`) and ``predict`` (the fraction the model was validated with).
+    """
+    return _center_crop(_resize_shorter(img, round(size / crop_fraction)), size)
 
 
 def bad_images_error(bad: Sequence[tuple[str, str]]) -> UserError:
@@ -750,7 +756,8 @@ class ImageFileDataset(torch.utils.data.Dataset):
     generator seeded by (seed, epoch, index), so a run is reproducible whatever the worker count (with
     ``alternate_flip`` each image's flip alternates between epochs, see ``alternating_flips``); call
     :meth:`set_epoch` before each epoch (with ``persistent_workers=True`` workers keep the epoch they
-    started with). ``train=False``: shorter side to ``round(image_size / 0.875)``, then a center crop.
+    started with). ``train=False``: :func:`fit_image` with :data:`EVAL_CROP_FRACTION` (shorter side to
+    ``round(image_size / 0.875)``, then a center crop).
 
     Archive members (``archive::member`` paths) are read through a tar file opened lazily in each
     worker. That is fine for a plain ``.tar``; from a ``.tar.gz`` or ``.tgz`` every read decompresses
@@ -834,7 +841,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
             if flip:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         else:
-            img = _center_crop(_resize_shorter(img, round(size / EVAL_CROP_FRACTION)), size)
+            img = fit_image(img, size, EVAL_CROP_FRACTION)
         arr = np.array(img)  # a writable copy, which torch.from_numpy wants
         tensor = torch.from_numpy(arr).unsqueeze(0) if arr.ndim == 2 else torch.from_numpy(arr).permute(2, 0, 1)
         return tensor.contiguous()

@@ -32,8 +32,10 @@ def load_source(
     channels: int | None = None,
     skip_bad_images: bool = False,
     seed: int = 0,
+    in_memory: bool | None = None,
 ) -> DataSource:
-    """Read the data set named or located by ``spec`` (see ``DATA_NAMES``, or a path)."""
+    """Read the data set named or located by ``spec`` (see ``DATA_NAMES``, or a path); ``in_memory``
+    decides for image folders, see :func:`~resnetlab.data.folder.load_image_folder`."""
     if spec == "digits":
         from .digits import load_digits
 
@@ -55,7 +57,9 @@ def load_source(
         return load_cifar(kind, path)
     from .folder import load_image_folder
 
-    return load_image_folder(path, image_size=image_size, channels=channels, skip_bad_images=skip_bad_images)
+    return load_image_folder(
+        path, image_size=image_size, channels=channels, skip_bad_images=skip_bad_images, in_memory=in_memory
+    )
 
 
 @dataclass

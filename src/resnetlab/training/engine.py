@@ -32,6 +32,7 @@ from ..checkpoint import (
 )
 from ..data.augment import BatchAugment
 from ..data.prepare import PreparedData, prepare_data
+from ..data.types import FileList
 from ..errors import UserError
 from ..fileio import FolderLock, atomic_write_text
 from .allocator import keep_freed_memory
@@ -170,6 +171,8 @@ class Trainer:
             core = nn.SyncBatchNorm.convert_sync_batchnorm(core)
         self.core = core
         self.params = sum(p.numel() for p in core.parameters())
+        from ..data.folder import EVAL_CROP_FRACTION  # here: Pillow is only needed for image folders
+
         self.info = ModelInfo(
             model=config.model,
             model_kwargs=kwargs,
@@ -177,6 +180,8 @@ class Trainer:
             mean=data.mean,
             std=data.std,
             input_shape=data.input_shape,
+            # Streamed validation crops as ImageFileDataset does; in-memory images were fitted whole.
+            crop_fraction=EVAL_CROP_FRACTION if isinstance(data.train, FileList) else 1.0,
             config=to_toml(config),
         )
         self.preprocess = Preprocess(data.mean, data.std, config.channels_last).to(device)
