@@ -128,6 +128,15 @@ def test_gradients_study(tmp_path, capsys):
     assert all(-1 <= float(r["cosine_similarity"]) <= 1 for r in sims)
 
 
+def test_gradients_study_steps_beyond_one_epoch(tmp_path, capsys):
+    # 40 images, 90% or less for training: 2 batches of 16 an epoch, so step 5 is in the third epoch.
+    out = tmp_path / "grad"
+    args = ["--depth", "8", "--depths", "8", "--steps", "0", "5", "--batch-size", "16", "--seeds", "1"]
+    run_cli(capsys, "study", "gradients", "--data", "synthetic:3x8x8:2:40", *args, "--out", str(out), "--json")
+    steps = {int(r["step"]) for r in read_csv(out / "grad_norms.csv")}
+    assert steps == {0, 5}
+
+
 def test_identity_study_shows_exact_identities(tmp_path, capsys):
     out = tmp_path / "ident"
     result, _ = run_cli(

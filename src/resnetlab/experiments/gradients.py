@@ -18,13 +18,16 @@ Panel 2: the cosine similarity of the input gradients at ``x`` and at a nearby `
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..data.loader import Batch, InMemoryLoader, StreamingLoader
 from ..data.prepare import prepare_data
 from ..errors import UserError
 from ..training.config import TrainConfig, knob
@@ -125,7 +128,7 @@ def run_gradients(s: GradientSettings, out: str | None = None, progress: bool = 
             key = _name(norm, plain)
             bar.set_postfix_str(f"{key} seed {seed}")
             trainer = Trainer(_config(s, s.depth, norm, plain, seed), torch.device("cpu"), SINGLE_PROCESS, data=data)
-            batches = trainer.train_loader.batches(0)
+            batches = _endless_batches(trainer.train_loader)
             for step in range(s.steps[-1] + 1):
                 x, y = next(batches)
                 stats = trainer.step(x, y)  # leaves this step's gradients in .grad
@@ -142,6 +145,16 @@ def run_gradients(s: GradientSettings, out: str | None = None, progress: bool = 
                 similarity.setdefault(key, {}).setdefault(depth, []).append(sim)
                 bar.update(1)
     return _summarise(study, s, data.name, norms, losses, similarity)
+
+
+def _endless_batches(loader: InMemoryLoader | StreamingLoader) -> Iterator[Batch]:
+    """The loader's batches epoch after epoch, each epoch reshuffled as training reshuffles it.
+
+    ``--steps`` counts SGD steps, not epochs: the default 100 steps of 128 images are several epochs of
+    a small data set (digits has 11 batches), so one epoch's iterator would run out mid-study.
+    """
+    for epoch in itertools.count():
+        yield from loader.batches(epoch)
 
 
 def _estimate(s: GradientSettings) -> float:
