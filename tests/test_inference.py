@@ -169,6 +169,31 @@ def test_export_cli_json(run, tmp_path, capsys):
     assert _json_tail(capsys)["max_abs_diff"] < 1e-4
 
 
+def test_export_refuses_a_folder_and_the_checkpoints_own_files(run, tmp_path, capsys):
+    assert main(["export", str(run), "--format", "onnx", "--output", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"resnetlab export: error: --output {tmp_path}: is a folder; name the file to write "
+        f"(e.g. {tmp_path / 'model.onnx'})"
+    )
+    ckpt = next((run / "checkpoints").glob("e*"))
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    for name in ("model.safetensors", "state.pt", "checksums.json"):
+        assert main(["export", str(run), "--format", "torchscript", "--output", str(ckpt / name)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and f"--output {ckpt / name}: is " in err and "destroy" in err
+    assert (
+        main(
+            ["export", str(ckpt / "model.safetensors"), "--format", "onnx", "--output", str(ckpt / "model.safetensors")]
+        )
+        == 2
+    )
+    assert "is the model file being exported" in capsys.readouterr().err
+    assert main(["export", str(run), "--format", "onnx", "--output", str(run / "checkpoints" / "latest")]) == 2
+    capsys.readouterr()
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    load_model(run)  # the checkpoint still loads
+
+
 def test_load_model_rejects_foreign_and_damaged_files(tmp_path):
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"not a safetensors file at all")

@@ -253,6 +253,19 @@ def load_train_state(ckpt: Path) -> dict[str, Any]:
     return state
 
 
+def is_checkpoint_part(path: Path) -> bool:
+    """Whether ``path`` is one of the files a training checkpoint is made of (its weights, training
+    state, checksums, or the ``latest`` pointer): replacing one damages or loses the checkpoint.
+
+    Other files in a checkpoint folder are not its parts (an export beside the weights, ``model.onnx``).
+    """
+    folder = path.parent
+    if path.name == "latest" and folder.name == "checkpoints":
+        return True
+    in_checkpoint = bool(_CKPT_NAME.fullmatch(folder.name)) or (folder / STATE_FILE).is_file()
+    return in_checkpoint and path.name in (MODEL_FILE, STATE_FILE, CHECKSUM_FILE)
+
+
 # --- loading a trained model ----------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .checkpoint import load_model, resolve_model_file
+from .checkpoint import is_checkpoint_part, load_model, resolve_model_file
 from .errors import UserError
 from .fileio import atomic_write_bytes
 
@@ -35,11 +35,11 @@ def export_model(
     """Export ``checkpoint`` to ``output`` (default: beside the weights, ``model.onnx`` / ``model.pt``)."""
     if fmt not in ("onnx", "torchscript"):
         raise UserError(f"--format {fmt!r}: choose onnx or torchscript")
-    model, info = load_model(checkpoint, model_name=model_name)
     source = resolve_model_file(checkpoint)
-    out = Path(output) if output else source.with_name("model.onnx" if fmt == "onnx" else "model.pt")
-    if not out.parent.is_dir():
-        raise UserError(f"--output {out}: folder {out.parent} does not exist")
+    default_name = "model.onnx" if fmt == "onnx" else "model.pt"
+    out = Path(output) if output else source.with_name(default_name)
+    _check_output(out, source, default_name)
+    model, info = load_model(checkpoint, model_name=model_name)
     shape = tuple(info.input_shape) if info else model.default_input_size
     meta = {"input_shape": list(shape), "input": "normalised float (x / 255 - mean) / std, NCHW"}
     if info:
@@ -62,6 +62,19 @@ def export_model(
     if check:
         result["max_abs_diff"] = check_export(model, out, fmt, shape)
     return result
+
+
+def _check_output(out: Path, source: Path, default_name: str) -> None:
+    """Refuse an output the export cannot write or must not replace, before any work is done."""
+    if out.is_dir():
+        raise UserError(f"--output {out}: is a folder; name the file to write (e.g. {out / default_name})")
+    if not out.parent.is_dir():
+        raise UserError(f"--output {out}: folder {out.parent} does not exist")
+    # resolve(): the same file through a symbolic link or another relative path; samefile: a hard link.
+    if out.resolve() == source.resolve() or (out.exists() and out.samefile(source)):
+        raise UserError(f"--output {out}: is the model file being exported; writing there would destroy it")
+    if is_checkpoint_part(out):
+        raise UserError(f"--output {out}: is part of the checkpoint in {out.parent}; writing there would destroy it")
 
 
 def _to_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
