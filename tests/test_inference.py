@@ -164,6 +164,38 @@ def test_weights_that_do_not_fit_are_refused_naming_the_key_and_shapes(tmp_path)
         load_model(tmp_path / "r20.pth", model_name="resnet20")
 
 
+def test_files_without_a_model_are_refused_with_advice_each_command_can_follow(tmp_path, capsys):
+    torch.save(create_model("resnet20").state_dict(), tmp_path / "w.pth")
+    (tmp_path / "config.toml").write_text('model = "resnet20"\n')
+    (tmp_path / "garbage.pth").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "x.png").write_bytes(b"")
+
+    def error(*argv):
+        assert main(list(argv)) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    for command, extra in (("eval", []), ("predict", [str(tmp_path / "x.png")])):
+        assert error(command, str(tmp_path / "w.pth"), *extra) == (
+            f"resnetlab {command}: error: {tmp_path / 'w.pth'}: a bare state_dict, without class names or "
+            f"normalisation; {command} takes a run folder, a checkpoint folder or a resnetlab .safetensors file"
+        )
+        assert f"{tmp_path / 'config.toml'}: not a model file; {command} takes" in error(
+            command, str(tmp_path / "config.toml"), *extra
+        )
+    assert error("export", str(tmp_path / "w.pth"), "--format", "onnx").endswith("(--model NAME)")
+    assert f"{tmp_path / 'config.toml'}: not a model file (expected" in error(
+        "export", str(tmp_path / "config.toml"), "--format", "onnx", "--model", "resnet20"
+    )
+    # PyTorch's reason alone (here 'Unsupported operand 0'), not its paragraphs on weights_only=False.
+    garbage = error("export", str(tmp_path / "garbage.pth"), "--format", "onnx", "--model", "resnet20")
+    assert "garbage.pth: not a loadable PyTorch state_dict (Unsupported" in garbage and "weights_only" not in garbage
+    with pytest.raises(UserError, match=r"w.pth: a bare state_dict; say which model it is \(model_name=NAME\)"):
+        load_model(tmp_path / "w.pth")
+    assert not any(p.suffix == ".onnx" for p in tmp_path.iterdir())
+
+
 def test_export_cli_json(run, tmp_path, capsys):
     assert main(["export", str(run), "--format", "onnx", "--output", str(tmp_path / "x.onnx"), "--json"]) == 0
     assert _json_tail(capsys)["max_abs_diff"] < 1e-4

@@ -35,6 +35,7 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 CHECKSUM_FILE = "checksums.json"
+STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")  # what a bare torch.save state_dict is named
 _CKPT_NAME = re.compile(r"e(\d{4,})-s(\d{6,})")
 
 
@@ -284,18 +285,28 @@ def resolve_model_file(path: str | Path) -> Path:
     return path
 
 
+def is_state_dict_file(path: Path) -> bool:
+    """Whether ``path`` is named as a ``torch.save`` file: torchvision's ``.pth``, ``.pt``, Hugging Face's
+    ``pytorch_model.bin``, Lightning's ``.ckpt`` and timm's ``.pth.tar`` (the last two keep the weights
+    under ``"state_dict"``)."""
+    return path.suffix in STATE_DICT_SUFFIXES
+
+
 def load_model(
     path: str | Path,
     *,
     model_name: str | None = None,
     num_classes: int | None = None,
     map_location: str | torch.device = "cpu",
+    model_option: str = "model_name=NAME",
 ) -> tuple[nn.Module, ModelInfo | None]:
     """Load a trained model in eval mode from a run folder, a checkpoint or a weights file.
 
     A plain ``state_dict`` saved with ``torch.save`` (for example a torchvision checkpoint, ``.pth``)
     loads too when ``model_name`` says which architecture it is; its class count is read off the
     classifier unless given. Such files are read with ``weights_only=True`` (no code runs).
+    ``model_option``: how the error for a state_dict without ``model_name`` tells the caller to name the
+    model (the command line passes its own flag, ``--model NAME``).
     """
     file = resolve_model_file(path)
     if file.suffix == ".safetensors":
@@ -303,13 +314,18 @@ def load_model(
         if model_name is not None and model_name != info.model:
             raise UserError(f"{file}: holds a {info.model}, not a {model_name}")
         model = info.build()
+    elif not is_state_dict_file(file):
+        raise UserError(
+            f"{file}: not a model file (expected a run or checkpoint folder, a resnetlab .safetensors file or "
+            f"a PyTorch state_dict: {', '.join(STATE_DICT_SUFFIXES)})"
+        )
     else:
         if model_name is None:
-            raise UserError(f"{file}: a bare state_dict; say which model it is (--model NAME)")
+            raise UserError(f"{file}: a bare state_dict; say which model it is ({model_option})")
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for foreign or damaged files
-            raise UserError(f"{file}: not a loadable PyTorch state_dict ({err})") from None
+            raise UserError(f"{file}: not a loadable PyTorch state_dict ({_load_error_line(err)})") from None
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict):
@@ -341,6 +357,41 @@ def classifier_key(model: nn.Module) -> str | None:
     """The state_dict prefix of ``model``'s classifier (its last linear layer: ``fc``, ``classifier.1``)."""
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     return linears[-1] if linears else None
+
+
+def load_trained_model(
+    path: str | Path, command: str, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, ModelInfo]:
+    """A model with its class names and normalisation, for ``command`` (eval, predict) that needs them:
+    only a resnetlab model file has them, so a bare state_dict or any other file is refused up front."""
+    file = resolve_model_file(path)
+    if file.suffix != ".safetensors":
+        what = (
+            "a bare state_dict, without class names or normalisation"
+            if is_state_dict_file(file)
+            else "not a model file"
+        )
+        raise UserError(
+            f"{file}: {what}; {command} takes a run folder, a checkpoint folder or a resnetlab .safetensors file"
+        )
+    model, info = load_model(file, map_location=map_location)
+    assert info is not None  # a .safetensors file loads with its metadata or is refused
+    return model, info
+
+
+def _load_error_line(err: Exception) -> str:
+    """One informative line of a ``torch.load`` error, whose messages run to paragraphs.
+
+    A ``weights_only`` refusal opens with advice to load with ``weights_only=False`` (which runs code from
+    the file: not advice to pass on) and gives its reason after ``WeightsUnpickler error:``; other
+    errors lead with the reason and follow it with guesses (``. This is an internal miniz error...``).
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # terminal colour codes
+    _, marker, reason = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (reason if marker else text).splitlines() if line.strip()]
+    line = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    # A bare KeyError or index from the unpickler ('101') says nothing without its type.
+    return line if any(c.isalpha() for c in line) else f"{type(err).__name__}: {line}".rstrip(": ")
 
 
 def _shorten_key_list(line: str, keep: int = 3) -> str:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import torch
 
-from .checkpoint import ModelInfo, load_model
+from .checkpoint import ModelInfo, load_trained_model
 from .data.prepare import load_source
 from .data.split import stratified_split
 from .data.types import DataSource, ImageArray, Split
@@ -81,9 +81,7 @@ def evaluate_checkpoint(
     so that the run's own validation accuracy is reproduced; ``False``: each image once.
     """
     dev = resolve_device(device)
-    model, info = load_model(checkpoint, map_location=dev)
-    if info is None:
-        raise UserError(f"{checkpoint}: a bare state_dict has no class names or normalisation to evaluate with")
+    model, info = load_trained_model(checkpoint, "eval", map_location=dev)
     config = _training_config(info)
     spec = data or config.data
     c, h, w = info.input_shape

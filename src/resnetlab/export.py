@@ -39,7 +39,7 @@ def export_model(
     default_name = "model.onnx" if fmt == "onnx" else "model.pt"
     out = Path(output) if output else source.with_name(default_name)
     _check_output(out, source, default_name)
-    model, info = load_model(checkpoint, model_name=model_name)
+    model, info = load_model(checkpoint, model_name=model_name, model_option="--model NAME")
     shape = tuple(info.input_shape) if info else model.default_input_size
     meta = {"input_shape": list(shape), "input": "normalised float (x / 255 - mean) / std, NCHW"}
     if info:

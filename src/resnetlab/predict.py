@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import load_model
+from .checkpoint import load_trained_model
 from .data.folder import decode_image, fit_image
 from .errors import UserError
 from .training.setup import Preprocess, resolve_device
@@ -40,9 +40,7 @@ def predict(
     if top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {top_k}")
     dev = resolve_device(device)
-    model, info = load_model(checkpoint, map_location=dev)
-    if info is None:
-        raise UserError(f"{checkpoint}: a bare state_dict has no class names or normalisation to predict with")
+    model, info = load_trained_model(checkpoint, "predict", map_location=dev)
     batch = load_images(images, info.input_shape, info.crop_fraction).to(dev)
     with torch.no_grad():
         probs = model(Preprocess(info.mean, info.std).to(dev)(batch)).softmax(1).cpu()
