@@ -263,6 +263,18 @@ def test_predict_names_a_broken_image(run, tmp_path, capsys):
     assert "broken.png" in capsys.readouterr().err
 
 
+def test_predict_refuses_a_model_of_channels_no_image_file_has(tmp_path, capsys):
+    out = tmp_path / "syn4"
+    train(TrainConfig(data="synthetic:4x8x8:2:64", epochs=1, batch_size=8, out=str(out)), progress=False)
+    image = tmp_path / "rgb.png"
+    Image.new("RGB", (8, 8)).save(image)
+    assert main(["predict", str(out), str(image)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"resnetlab predict: error: {out}: predict reads images as grayscale (1 channel) or RGB (3), "
+        "and this model takes 4 channels"
+    )
+
+
 def test_predict_cli_as_a_process(run, tmp_path):
     path = tmp_path / "d.png"
     Image.fromarray(load_digits().splits["train"].images[5, 0].numpy(), mode="L").save(path)

@@ -41,6 +41,12 @@ def predict(
         raise UserError(f"--top-k must be >= 1, got {top_k}")
     dev = resolve_device(device)
     model, info = load_trained_model(checkpoint, "predict", map_location=dev)
+    channels = info.input_shape[0]
+    if channels not in (1, 3):  # an image file decodes to "L" or "RGB"; other channel counts have no file form
+        raise UserError(
+            f"{checkpoint}: predict reads images as grayscale (1 channel) or RGB (3), and this model "
+            f"takes {channels} channels"
+        )
     batch = load_images(images, info.input_shape, info.crop_fraction).to(dev)
     with torch.no_grad():
         probs = model(Preprocess(info.mean, info.std).to(dev)(batch)).softmax(1).cpu()
