@@ -115,6 +115,23 @@ def test_classes_argument_fixes_the_labels_of_a_test_only_folder(tmp_path):
         scan_image_folder(root, classes=["a", "c"])
 
 
+def test_training_on_a_folder_of_one_class_is_refused_naming_it(tmp_path, monkeypatch, capsys):
+    from resnetlab.cli import main
+
+    monkeypatch.setenv("RESNETLAB_CACHE", str(tmp_path / "cache"))
+    for i in range(12):
+        solid(tmp_path / "one" / "train" / "cat" / f"{i}.png", (i, i, i))
+    argv = ["train", "--data", str(tmp_path / "one"), "--epochs", "1", "--batch-size", "4", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"resnetlab train: error: --data {str(tmp_path / 'one')!r}: has only one class folder, 'cat'; "
+        "training a classifier needs at least 2 classes"
+    )
+    assert not (tmp_path / "run").exists()
+    source = load(tmp_path / "one", tmp_path)  # eval may still read it: a split of a class the model knows
+    assert source.classes == ["cat"]
+
+
 def test_missing_root_and_empty_folder_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="nowhere"):
         load(tmp_path / "nowhere", tmp_path)

@@ -108,6 +108,13 @@ def prepare_data(
     train = source.splits.get("train", source.splits.get("images"))
     if train is None:
         raise UserError(f"--data {spec!r}: no training split (expected a 'train' folder or class folders)")
+    if len(source.classes) < 2:
+        # A classifier of one class is right without looking (100% from the first step), as synthetic
+        # data refuses; evaluation (load_source) still takes a folder of one class the model knows.
+        raise UserError(
+            f"--data {spec!r}: has only one class folder, {source.classes[0]!r}; training a classifier "
+            "needs at least 2 classes"
+        )
     val = source.splits.get("val")
     if val is not None:
         val_source = "the data set's own val split"
