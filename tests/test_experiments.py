@@ -60,6 +60,40 @@ def test_a_study_folder_is_not_reused_for_another_study(tmp_path, capsys):
     assert "holds a 'lesion' study" in capsys.readouterr().err
 
 
+TINY = "synthetic:3x8x8:2:64"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--lr", "0"], "--lr must be a positive number"),
+        (["demo", "--lr", "inf"], "--lr must be a finite number"),
+        (["study", "families", "--models", "resnet20", "--lr", "0"], "--lr must be a positive number"),
+        (["study", "families", "--models", "resnet20", "--lr", "nan"], "--lr must be a finite number"),
+        (
+            ["study", "identity", "--depth", "8", "--epochs", "1", "--finetune-epochs", "0"],
+            "--finetune-epochs must be >= 1",
+        ),
+        (
+            ["study", "gradients", "--depth", "8", "--depths", "8", "--distance", "nan"],
+            "--distance must be a finite number",
+        ),
+        (
+            ["study", "gradients", "--depth", "8", "--depths", "8", "--distance", "0"],
+            "--distance must be > 0 (the nearby input must differ from the image)",
+        ),
+        (["study", "lesion", "--depth", "8", "--epochs", "0"], "--epochs must be >= 1"),
+    ],
+)
+def test_study_settings_are_checked_before_anything_is_written(tmp_path, capsys, argv, message):
+    # Cheap settings, so that a study which missed the check ends soon instead of training for long.
+    cheap = [] if argv[0] == "demo" else ["--data", TINY, "--seeds", "1", "--batch-size", "8"]
+    assert main([*argv, *cheap, "--out", str(tmp_path / "s"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"resnetlab {argv[0]}: error: {message}"
+    assert not (tmp_path / "s").exists()
+
+
 def test_degradation_study(tmp_path, capsys):
     out = tmp_path / "deg"
     result, _ = run_cli(

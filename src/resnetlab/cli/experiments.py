@@ -59,22 +59,7 @@ def _runner(name: str):
 
         settings_cls, function = (DemoSettings, run_demo) if name == "demo" else STUDIES[name][:2]
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(settings_cls)}
-        _check(values)
+        # Each study checks its settings before it writes anything (experiments.study.check_settings).
         return function(settings_cls(**values), out=args.out, progress=not args.no_progress)
 
     return run
-
-
-def _check(values: dict[str, Any]) -> None:
-    from ..errors import UserError
-
-    for key, value in values.items():
-        numbers = value if isinstance(value, list) else [value]
-        if key in ("data", "norm", "models", "amp") or not numbers:
-            continue
-        if any(isinstance(v, int | float) and v < 0 for v in numbers):
-            raise UserError(f"--{key.replace('_', '-')} must not be negative")
-        if key in ("seeds", "epochs", "batch_size", "samples", "width") and value < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be >= 1")
-        if key == "budget" and not 0 < value <= 1:
-            raise UserError("--budget must be in (0, 1]")

@@ -20,7 +20,7 @@ from ..data.prepare import prepare_data
 from ..models import cifar_resnet
 from ..training.config import TrainConfig, knob
 from ..training.progress import RunProgress
-from .study import Study, config_block, markdown_table, pyplot, seconds_per_step
+from .study import Study, check_settings, config_block, markdown_table, pyplot, seconds_per_step
 
 PAPER_EPOCHS = 164
 _NAMED = (20, 32, 44, 56, 110, 1202)  # depths with a registered name
@@ -88,6 +88,7 @@ def run_degradation(s: DegradationSettings, out: str | None = None, progress: bo
             raise UserError(f"--depths {depth}: CIFAR ResNets have 6n+2 layers (8, 14, 20, 32, 44, 56, 110, ...)")
     if s.depths != sorted(set(s.depths)):
         s.depths = sorted(set(s.depths))
+    check_settings(s, [degradation_config(s, d, p, 0) for d in s.depths for p in (True, False)])
     study = Study.open("degradation", out, progress=False)
     data = prepare_data(s.data, train_fraction=s.budget)
     if s.threads:

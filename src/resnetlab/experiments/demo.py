@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..models import create_model
 from ..training.config import TrainConfig, knob
 from ..training.progress import RunProgress
-from .study import Study, markdown_table, pyplot
+from .study import Study, check_settings, markdown_table, pyplot
 
 
 @dataclass
@@ -88,6 +88,7 @@ def run_demo(settings: DemoSettings, out: str | None = None, progress: bool = Tr
     if settings.norm not in ("batch", "layer", "none"):
         raise UserError(f"--norm {settings.norm}: choose batch, layer or none")
     settings.depths = sorted(set(settings.depths))
+    check_settings(settings, [demo_config(settings, d, p, 0) for d in settings.depths for p in (True, False)])
     study = Study.open("demo", out, progress=False)
     runs = [(d, p, s) for s in range(settings.seeds) for d in settings.depths for p in (True, False)]
     study.announce(

@@ -22,7 +22,7 @@ from ..models import create_model, is_model
 from ..summary import format_count, summarize
 from ..training.config import TrainConfig, knob
 from ..training.progress import RunProgress
-from .study import Study, fmt_mean_std, markdown_table, mean_std, pyplot, seconds_per_step
+from .study import Study, check_settings, fmt_mean_std, markdown_table, mean_std, pyplot, seconds_per_step
 
 
 @dataclass
@@ -92,6 +92,7 @@ def run_families(s: FamilySettings, out: str | None = None, progress: bool = Tru
         raise UserError(f"--models {unknown[0]}: not a registered model (resnetlab list)")
     if s.amp not in ("none", "bf16"):
         raise UserError("--amp must be none or bf16")
+    check_settings(s, [_config(s, m, 0) for m in s.models])
     study = Study.open("families", out, progress=False)
     if s.threads:
         torch.set_num_threads(s.threads)

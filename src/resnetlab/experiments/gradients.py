@@ -34,7 +34,7 @@ from ..training.config import TrainConfig, knob
 from ..training.distributed import SINGLE_PROCESS
 from ..training.engine import Trainer
 from ..training.progress import RunProgress
-from .study import Study, fmt_mean_std, markdown_table, mean_std, pyplot
+from .study import Study, check_settings, fmt_mean_std, markdown_table, mean_std, pyplot
 
 VARIANTS = [(norm, plain) for norm in ("batch", "none") for plain in (True, False)]
 
@@ -111,6 +111,7 @@ def run_gradients(s: GradientSettings, out: str | None = None, progress: bool = 
             raise UserError(f"--depths {d}: CIFAR ResNets have 6n+2 layers (8, 14, 20, 32, 44, 56, 110, ...)")
     if sorted(s.steps) != s.steps or s.steps[0] < 0:
         raise UserError("--steps must be increasing numbers of training steps, starting at 0 or more")
+    check_settings(s, [_config(s, d, n, p, 0) for d in s.depths for n, p in VARIANTS])
     study = Study.open("gradients", out, progress=False)
     data = prepare_data(s.data)
     jobs = [(seed, norm, plain) for seed in range(s.seeds) for norm, plain in VARIANTS]

@@ -29,7 +29,7 @@ from ..training.config import TrainConfig, knob
 from ..training.evaluate import evaluate
 from ..training.progress import RunProgress
 from ..training.setup import Preprocess, make_loader
-from .study import Study, fmt_mean_std, markdown_table, mean_std, pyplot
+from .study import Study, check_settings, fmt_mean_std, markdown_table, mean_std, pyplot
 
 
 @dataclass
@@ -136,6 +136,8 @@ def run_identity(s: IdentitySettings, out: str | None = None, progress: bool = T
         raise UserError(f"--depth {s.depth}: CIFAR ResNets have 6n+2 layers")
     if s.insert < 1:
         raise UserError("--insert must be >= 1")
+    finetune = _finetune_config(s, 0, s.depth + 6 * s.insert, Path("base.safetensors"))  # for its checks only
+    check_settings(s, [_base_config(s, 0), finetune])
     study = Study.open("identity", out, progress=False)
     data = prepare_data(s.data, train_fraction=s.budget)
     if not isinstance(data.val, ImageArray):

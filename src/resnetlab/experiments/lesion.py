@@ -25,7 +25,7 @@ from ..training.config import TrainConfig, knob
 from ..training.evaluate import evaluate
 from ..training.progress import RunProgress
 from ..training.setup import Preprocess, make_loader
-from .study import Study, fmt_mean_std, markdown_table, mean_std, pyplot
+from .study import Study, check_settings, fmt_mean_std, markdown_table, mean_std, pyplot
 
 
 class Skip(nn.Module):
@@ -101,6 +101,7 @@ def _config(s: LesionSettings, plain: bool, seed: int) -> TrainConfig:
 def run_lesion(s: LesionSettings, out: str | None = None, progress: bool = True) -> dict[str, Any]:
     if s.depth < 8 or (s.depth - 2) % 6:
         raise UserError(f"--depth {s.depth}: CIFAR ResNets have 6n+2 layers")
+    check_settings(s, [_config(s, p, 0) for p in (True, False)])
     study = Study.open("lesion", out, progress=False)
     data = prepare_data(s.data, train_fraction=s.budget)
     n_blocks = 3 * (s.depth - 2) // 6

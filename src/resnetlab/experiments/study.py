@@ -16,8 +16,8 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,37 @@ from ..fileio import atomic_write_bytes, atomic_write_text
 from ..training.config import TrainConfig, to_toml
 from ..training.engine import load_run_config, train
 from ..training.progress import format_duration
+
+# Settings that count something (runs, images, epochs, blocks): 0 would leave the study nothing to do.
+_COUNTS = ("seeds", "epochs", "finetune_epochs", "batch_size", "samples", "width", "insert")
+
+
+def check_settings(settings: Any, configs: Iterable[TrainConfig] = ()) -> None:
+    """Raise :class:`UserError` naming the first flag of a study's ``settings`` with an impossible value.
+
+    Called by every study before it writes anything: each number finite and not negative, counts >= 1,
+    ``budget`` in (0, 1], ``distance`` > 0; then each of the study's training ``configs`` as ``resnetlab
+    train`` checks its own (``--lr`` > 0, ...), so a value that only the runs would refuse fails here
+    and not after the study folder is made. The settings' flags share their names with the configs'.
+    """
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        numbers = value if isinstance(value, list) else [value]
+        if not numbers or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers):
+            continue  # names and choices (data, models, norm, amp) are checked by each study
+        flag = f"--{f.name.replace('_', '-')}"
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise UserError(f"{flag} must be a finite number")
+        if any(v < 0 for v in numbers):
+            raise UserError(f"{flag} must not be negative")
+        if f.name in _COUNTS and value < 1:
+            raise UserError(f"{flag} must be >= 1")
+        if f.name == "budget" and not 0 < value <= 1:
+            raise UserError("--budget must be in (0, 1]")
+        if f.name == "distance" and value <= 0:
+            raise UserError("--distance must be > 0 (the nearby input must differ from the image)")
+    for config in configs:
+        config.validate()
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
