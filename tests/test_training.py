@@ -322,6 +322,17 @@ def test_a_half_set_multi_process_environment_is_a_clear_error(tmp_path, monkeyp
     assert not (tmp_path / "r").exists()
 
 
+def test_an_out_that_is_a_file_is_refused_as_a_file(tmp_path, capsys):
+    for name, content in (("afile", "mine\n"), ("empty", "")):
+        (tmp_path / name).write_text(content)
+        argv = ["train", "--model", "residual_mlp", "--epochs", "1", "--no-progress", "--out", str(tmp_path / name)]
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"resnetlab train: error: --out {tmp_path / name}: is a file, not a folder; name a new folder for the run"
+        )
+        assert (tmp_path / name).read_text() == content
+
+
 SHUTDOWN_SCRIPT = """
 import os, sys
 from resnetlab import TrainConfig, train

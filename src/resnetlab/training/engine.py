@@ -454,7 +454,9 @@ def _new_run_dir(config: TrainConfig) -> Path:
         data = Path(config.data).name if ("/" in config.data or "\\" in config.data) else config.data
         data = data.replace(":", "-") or "data"
         run_dir = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.model}-{data}"
-    if run_dir.exists() and (not run_dir.is_dir() or any(not _leftover(p) for p in run_dir.iterdir())):
+    if run_dir.exists() and not run_dir.is_dir():  # a file: --resume could not continue it either
+        raise UserError(f"--out {run_dir}: is a file, not a folder; name a new folder for the run")
+    if run_dir.exists() and any(not _leftover(p) for p in run_dir.iterdir()):
         raise UserError(f"--out {run_dir}: already exists and is not empty; continue it with --resume {run_dir}")
     return run_dir
 
