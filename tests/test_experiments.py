@@ -66,9 +66,9 @@ TINY = "synthetic:3x8x8:2:64"
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["demo", "--lr", "0"], "--lr must be a positive number"),
+        (["demo", "--lr", "0"], "--lr must be a positive number, got 0.0"),
         (["demo", "--lr", "inf"], "--lr must be a finite number"),
-        (["study", "families", "--models", "resnet20", "--lr", "0"], "--lr must be a positive number"),
+        (["study", "families", "--models", "resnet20", "--lr", "0"], "--lr must be a positive number, got 0.0"),
         (["study", "families", "--models", "resnet20", "--lr", "nan"], "--lr must be a finite number"),
         (
             ["study", "identity", "--depth", "8", "--epochs", "1", "--finetune-epochs", "0"],
