@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -169,6 +170,28 @@ def test_gradients_study_steps_beyond_one_epoch(tmp_path, capsys):
     run_cli(capsys, "study", "gradients", "--data", "synthetic:3x8x8:2:40", *args, "--out", str(out), "--json")
     steps = {int(r["step"]) for r in read_csv(out / "grad_norms.csv")}
     assert steps == {0, 5}
+
+
+def test_gradients_study_records_a_net_that_diverges_instead_of_crashing(tmp_path, capsys):
+    # A learning rate no net survives: the first step is finite, the next ones are not (the default
+    # settings did this to the un-normalised ResNet-56 on CIFAR-10 at step 1).
+    out = tmp_path / "grad"
+    args = ["--depth", "8", "--depths", "8", "--steps", "0", "3", "--batch-size", "16", "--seeds", "1"]
+    result, _ = run_cli(
+        capsys, "study", "gradients", "--data", SYNTH, *args, "--lr", "1e6", "--out", str(out), "--json"
+    )
+    saved = json.loads((out / "results.json").read_text())
+    diverged = {k: v[0] for k, v in saved["diverged_at_step"].items()}
+    assert any(step is not None and 0 < step <= 3 for step in diverged.values()), diverged
+    rows = read_csv(out / "grad_norms.csv")
+    for key, step in diverged.items():
+        at_start = [float(r["grad_norm"]) for r in rows if r["variant"] == key and r["step"] == "0"]
+        assert all(math.isfinite(v) for v in at_start)  # step 0 came before the divergence
+        if step is not None:
+            later = [r["grad_norm"] for r in rows if r["variant"] == key and r["step"] == "3"]
+            assert later and all(v == "nan" for v in later)
+    assert "diverged (a non-finite loss or gradient) at step" in (out / "report.md").read_text()
+    assert result == {"out": str(out), **saved["headline"]}
 
 
 def test_identity_study_shows_exact_identities(tmp_path, capsys):

@@ -19,6 +19,7 @@ Panel 2: the cosine similarity of the input gradients at ``x`` and at a nearby `
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -32,7 +33,7 @@ from ..data.prepare import prepare_data
 from ..errors import UserError
 from ..training.config import TrainConfig, knob
 from ..training.distributed import SINGLE_PROCESS
-from ..training.engine import Trainer
+from ..training.engine import NonFiniteStep, Trainer
 from ..training.progress import RunProgress
 from .study import Study, check_settings, fmt_mean_std, markdown_table, mean_std, pyplot
 
@@ -49,7 +50,7 @@ class GradientSettings:
     depths: list[int] = knob([8, 20, 56, 110], "depths for the input-gradient similarity panel")
     steps: list[int] = knob([0, 10, 100], "record gradients after these SGD steps (0: at initialisation)")
     batch_size: int = knob(128, "images per step")
-    lr: float = knob(0.01, "SGD learning rate; low so the un-normalised residual nets do not diverge at once")
+    lr: float = knob(0.01, "SGD learning rate (a net that diverges is recorded as such, from that step on)")
     distance: float = knob(0.01, "distance of the nearby input, relative to the image's norm")
     seeds: int = knob(2, "seeds per network")
 
@@ -124,15 +125,27 @@ def run_gradients(s: GradientSettings, out: str | None = None, progress: bool = 
     norms: dict[str, dict[int, list[list[float]]]] = {}  # variant -> step -> per seed: per-layer norms
     losses: dict[str, dict[int, list[float]]] = {}
     similarity: dict[str, dict[int, list[float]]] = {}  # variant -> depth -> per seed
+    diverged: dict[str, list[int | None]] = {}  # variant -> per seed: the first non-finite step, if any
     with RunProgress(len(jobs) * (1 + len(s.depths)), "gradients", unit="step", enabled=progress) as bar:
         for seed, norm, plain in jobs:
             key = _name(norm, plain)
             bar.set_postfix_str(f"{key} seed {seed}")
             trainer = Trainer(_config(s, s.depth, norm, plain, seed), torch.device("cpu"), SINGLE_PROCESS, data=data)
             batches = _endless_batches(trainer.train_loader)
+            diverged.setdefault(key, []).append(None)
             for step in range(s.steps[-1] + 1):
                 x, y = next(batches)
-                stats = trainer.step(x, y)  # leaves this step's gradients in .grad
+                try:
+                    stats = trainer.step(x, y)  # leaves this step's gradients in .grad
+                except NonFiniteStep:
+                    # Un-normalised residual nets can: their activations grow with depth (He init, no BN).
+                    # The net stops here; this and every later recorded step are recorded as undefined.
+                    diverged[key][-1] = step
+                    n = len(conv_grad_norms(trainer.core))
+                    for later in [t for t in s.steps if t >= step]:
+                        norms.setdefault(key, {}).setdefault(later, []).append([float("nan")] * n)
+                        losses.setdefault(key, {}).setdefault(later, []).append(float("nan"))
+                    break
                 if step in s.steps:
                     norms.setdefault(key, {}).setdefault(step, []).append(conv_grad_norms(trainer.core))
                     losses.setdefault(key, {}).setdefault(step, []).append(float(stats[0] / stats[2]))
@@ -145,7 +158,7 @@ def run_gradients(s: GradientSettings, out: str | None = None, progress: bool = 
                 sim = input_gradient_similarity(model, trainer.preprocess(x), y, s.distance, seed)
                 similarity.setdefault(key, {}).setdefault(depth, []).append(sim)
                 bar.update(1)
-    return _summarise(study, s, data.name, norms, losses, similarity)
+    return _summarise(study, s, data.name, norms, losses, similarity, diverged)
 
 
 def _endless_batches(loader: InMemoryLoader | StreamingLoader) -> Iterator[Batch]:
@@ -170,7 +183,9 @@ def _estimate(s: GradientSettings) -> float:
     return (step * (s.steps[-1] + 1) + sims) * len(VARIANTS) * s.seeds + 10
 
 
-def _summarise(study: Study, s: GradientSettings, data_name: str, norms, losses, similarity) -> dict[str, Any]:
+def _summarise(
+    study: Study, s: GradientSettings, data_name: str, norms, losses, similarity, diverged
+) -> dict[str, Any]:
     rows = []
     for key, by_step in norms.items():
         for step, per_seed in by_step.items():
@@ -192,7 +207,7 @@ def _summarise(study: Study, s: GradientSettings, data_name: str, norms, losses,
             per_seed = torch.tensor(norms[key][step])  # seeds x layers
             first, last = per_seed[:, 0], per_seed[:, -1]
             ratio = (first / last).tolist()
-            headline[f"{key}_step{step}_first_over_last"] = round(mean_std(ratio)[0], 4)
+            headline[f"{key}_step{step}_first_over_last"] = _finite_or_none(mean_std(ratio)[0], 4)
             table.append(
                 [
                     key,
@@ -205,7 +220,7 @@ def _summarise(study: Study, s: GradientSettings, data_name: str, norms, losses,
             )
     sim_table = [[key] + [fmt_mean_std(similarity[key][d], 3) for d in s.depths] for key in similarity]
     for key in similarity:
-        headline[f"{key}_similarity_d{s.depths[-1]}"] = round(mean_std(similarity[key][s.depths[-1]])[0], 4)
+        headline[f"{key}_similarity_d{s.depths[-1]}"] = _finite_or_none(mean_std(similarity[key][s.depths[-1]])[0], 4)
     study.write_json(
         "results.json",
         {
@@ -214,12 +229,15 @@ def _summarise(study: Study, s: GradientSettings, data_name: str, norms, losses,
             "headline": headline,
             "grad_norm_table": table,
             "similarity": similarity,
+            "diverged_at_step": diverged,
         },
     )
     _figure(study, s, data_name, norms, similarity)
     header = ["net", "step", "first conv grad norm", "last conv grad norm", "first / last", "batch loss"]
     sim_header = ["net"] + [f"depth {d}" for d in s.depths]
-    study.write_report(_report(study, s, data_name, table, header, sim_table, sim_header, norms, similarity))
+    study.write_report(
+        _report(study, s, data_name, table, header, sim_table, sim_header, norms, losses, similarity, diverged)
+    )
     print()
     print(markdown_table(header, table))
     print()
@@ -241,7 +259,7 @@ def _figure(study: Study, s: GradientSettings, data_name: str, norms, similarity
                 continue
             for step, style in styles.items():
                 per_seed = torch.tensor(norms[key][step])
-                mean = per_seed.mean(0).tolist()
+                mean = torch.nanmean(per_seed, 0).tolist()  # over the seeds that had not diverged
                 layers = range(1, len(mean) + 1)
                 ax.semilogy(
                     layers,
@@ -284,10 +302,15 @@ def _figure(study: Study, s: GradientSettings, data_name: str, norms, similarity
     study.save_figure(fig, "gradients")
 
 
-def _report(study, s, data_name, table, header, sim_table, sim_header, norms, similarity) -> str:
-    def ratio(key: str, step: int) -> float:
+def _finite_or_none(value: float, digits: int) -> float | None:
+    """A figure for JSON, which has no NaN: ``None`` where every seed diverged."""
+    return round(value, digits) if math.isfinite(value) else None
+
+
+def _report(study, s, data_name, table, header, sim_table, sim_header, norms, losses, similarity, diverged) -> str:
+    def ratio(key: str, step: int) -> float:  # mean over the seeds that had not diverged (NaN: none)
         per_seed = torch.tensor(norms[key][step])
-        return float((per_seed[:, 0] / per_seed[:, -1]).mean())
+        return mean_std((per_seed[:, 0] / per_seed[:, -1]).tolist())[0]
 
     def sim(key: str, depth: int) -> float:
         return mean_std(similarity[key][depth])[0]
@@ -322,6 +345,7 @@ def _report(study, s, data_name, table, header, sim_table, sim_header, norms, si
         "**Without normalisation** (the first story):",
         f"- plain: first/last gradient ratio {ratio('plain-nobn', step0):.3g} at initialisation; "
         f"residual: {ratio('resnet-nobn', step0):.3g}.",
+        *_divergence_lines(diverged, losses, step0),
         "",
         "**With batch normalisation** (the second story):",
         f"- plain: first/last ratio {ratio('plain-bn', step0):.3g}; residual: {ratio('resnet-bn', step0):.3g}. "
@@ -337,6 +361,23 @@ def _report(study, s, data_name, table, header, sim_table, sim_header, norms, si
         f"Study time: {study.elapsed():.0f} s.",
     ]
     return "\n".join(lines)
+
+
+def _divergence_lines(diverged: dict[str, list[int | None]], losses, step0: int) -> list[str]:
+    """A bullet per variant whose training went non-finite: which seeds, at which step, from what loss."""
+    lines = []
+    for key, steps in diverged.items():
+        hit = [(seed, step) for seed, step in enumerate(steps) if step is not None]
+        if hit:
+            where = ", ".join(f"step {step} (seed {seed})" for seed, step in hit)
+            start = fmt_mean_std(losses[key][step0], 0)
+            lines.append(
+                f"- {key} diverged (a non-finite loss or gradient) at {where}, from a loss of {start} at step "
+                f"{step0}; its later rows are n/a. Without normalisation the residual additions let the "
+                "activations grow with depth, which He initialisation does not correct (Fixup and SkipInit, "
+                "Zhang et al. 2019 and De & Smith 2020, rescale or zero the branches for this)."
+            )
+    return lines
 
 
 def _interpret(ratio, sim, s: GradientSettings) -> str:
