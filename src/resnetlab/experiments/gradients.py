@@ -259,6 +259,8 @@ def _figure(study: Study, s: GradientSettings, data_name: str, norms, similarity
                 continue
             for step, style in styles.items():
                 per_seed = torch.tensor(norms[key][step])
+                if per_seed.isnan().all():
+                    continue  # every seed diverged before this step: nothing to draw (the report says so)
                 mean = torch.nanmean(per_seed, 0).tolist()  # over the seeds that had not diverged
                 layers = range(1, len(mean) + 1)
                 ax.semilogy(
