@@ -194,20 +194,11 @@ def test_gradients_study_records_a_net_that_diverges_instead_of_crashing(tmp_pat
     assert result == {"out": str(out), **saved["headline"]}
 
 
-def test_identity_study_shows_exact_identities(tmp_path, capsys):
+def test_identity_study_shows_exact_identities(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "ident"
-    result, _ = run_cli(
-        capsys,
-        "study",
-        "identity",
-        "--data",
-        SYNTH,
-        "--depth",
-        "8",
-        "--budget",
-        "0.5",
-        "--epochs",
-        "2",
+    args = ["study", "identity", "--data", SYNTH, "--depth", "8", "--budget", "0.5", "--epochs", "2"]
+    args += [
         "--finetune-epochs",
         "1",
         "--seeds",
@@ -215,10 +206,15 @@ def test_identity_study_shows_exact_identities(tmp_path, capsys):
         "--batch-size",
         "32",
         "--out",
-        str(out),
+        "ident",
         "--json",
         "--no-progress",
-    )
+    ]
+    result, _ = run_cli(capsys, *args)
+    # Run again with the same relative --out (its fine-tuning runs start from weights saved in it): the
+    # finished runs are read back, not refused as 'trained with other settings'.
+    again, _ = run_cli(capsys, *args)
+    assert again == result
     assert_outputs(out, "branch_ratios")
     assert result["zero_branch_max_abs_difference"] == 0.0
     assert result["deepening_max_output_difference"] == 0.0

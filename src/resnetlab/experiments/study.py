@@ -154,14 +154,17 @@ class Study:
         """Train (or finish, or read back) the run ``runs/<name>``; returns its per-epoch history."""
         folder = self.out / "runs" / name
         config.out = str(folder)
+        # Compared as train() saves them: data and weight paths absolute (a relative --data or --out is
+        # the same run when the study is run again from the same folder).
+        same = config.with_absolute_paths()
         if (folder / "result.json").is_file():
-            if load_run_config(folder) != config:
+            if load_run_config(folder).with_absolute_paths() != same:
                 raise UserError(
                     f"{folder}: was trained with other settings than this study now asks for; use a new --out"
                 )
             return read_history(folder)
         if (folder / "config.toml").is_file():
-            if load_run_config(folder) != config:
+            if load_run_config(folder).with_absolute_paths() != same:
                 raise UserError(f"{folder}: an unfinished run with other settings; use a new --out")
             return train(resume=folder, progress=self.progress, verbose=False).history
         return train(config, progress=self.progress, verbose=False).history
