@@ -40,6 +40,18 @@ def test_eval_on_the_held_out_split_reproduces_the_runs_final_validation(run, ca
     assert set(result["per_class_acc"]) == set(str(i) for i in range(10))
 
 
+def test_eval_reproduces_the_validation_of_a_bfloat16_run(tmp_path):
+    from resnetlab import evaluate_checkpoint
+
+    out = tmp_path / "bf16"
+    train(TrainConfig(model="resnet20", epochs=1, batch_size=64, amp="bf16", out=str(out)), progress=False)
+    final = json.loads((out / "result.json").read_text())["final"]
+    result = evaluate_checkpoint(out)
+    assert result["amp"] == "bf16"
+    assert result["acc"] == pytest.approx(final["val_acc"], abs=1e-3)
+    assert result["loss"] == pytest.approx(final["val_loss"], rel=1e-4)
+
+
 def test_eval_train_is_what_the_run_could_train_on_and_val_needs_a_held_out_part(run, tmp_path):
     from resnetlab import evaluate_checkpoint
 

@@ -78,7 +78,8 @@ def evaluate_checkpoint(
     """Evaluate the model in ``checkpoint`` (a run folder, checkpoint folder or weights file).
 
     ``tta``: use the test-time augmentation the run validated with (``eval_flip``, ``eval_translate``),
-    so that the run's own validation accuracy is reproduced; ``False``: each image once.
+    so that the run's own validation accuracy is reproduced; ``False``: each image once. The model
+    computes in the precision the run validated in (its ``amp``), for the same reason.
     """
     dev = resolve_device(device)
     model, info = load_trained_model(checkpoint, "eval", map_location=dev)
@@ -112,7 +113,14 @@ def evaluate_checkpoint(
         skip_bad_images=config.skip_bad_images,
     )
     views = {"flip": config.eval_flip and tta, "translate": config.eval_translate if tta else 0}
-    result = evaluate(model, loader, Preprocess(info.mean, info.std).to(dev), len(info.classes), **views)
+    # The precision the run validated in (its --amp), so that its validation accuracy is reproduced;
+    # float16 autocast exists on CUDA only, so a float16 run evaluated on a CPU computes in float32.
+    amp = config.amp if config.amp == "bf16" or (config.amp == "fp16" and dev.type == "cuda") else "none"
+    autocast = None
+    if amp != "none":
+        autocast = torch.autocast(dev.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
+    preprocess = Preprocess(info.mean, info.std).to(dev)
+    result = evaluate(model, loader, preprocess, len(info.classes), autocast=autocast, **views)
     return {
         "checkpoint": str(checkpoint),
         "model": info.model,
@@ -120,6 +128,7 @@ def evaluate_checkpoint(
         "split": "images" if "images" in source.splits else split,
         "images": result.images,
         "tta": views,
+        "amp": amp,
         "loss": round(result.loss, 6),
         "acc": round(result.acc, 4),
         "per_class_acc": dict(zip(info.classes, [round(a, 2) for a in result.per_class_acc()], strict=True)),
