@@ -219,6 +219,12 @@ def test_identity_study_shows_exact_identities(tmp_path, capsys, monkeypatch):
     assert result["zero_branch_max_abs_difference"] == 0.0
     assert result["deepening_max_output_difference"] == 0.0
     assert result["deepened_val_acc"] == result["base_val_acc"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["check_images"] == 60  # the 10% of 600 images held out, fewer than the 256 it takes at most
+    report = (out / "report.md").read_text()
+    assert "from 60 validation images" in report
+    base = f"{result['base_val_acc']:.2f}"
+    assert f"| ResNet-8 trained (base) | {base} |" in report and f"accuracy from {base}% to {base}%" in report
     ratios = read_csv(out / "branch_ratios.csv")
     assert {int(r["epoch"]) for r in ratios} == {0, 1, 2} and {int(r["block"]) for r in ratios} == {1, 2, 3}
 

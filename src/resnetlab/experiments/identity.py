@@ -218,14 +218,14 @@ def run_identity(s: IdentitySettings, out: str | None = None, progress: bool = T
             initial = info.build()
             for i, r in enumerate(branch_ratios(initial.eval(), x)):
                 ratio_rows.append({"seed": seed, "epoch": 0, "block": i + 1, "ratio": r})
-    return _summarise(study, s, data.name, len(data.train), results, zero_rows, ratio_rows)
+    return _summarise(study, s, data.name, len(data.train), len(x_val), results, zero_rows, ratio_rows)
 
 
 def _rough_images_per_second(depth: int) -> float:
     return 550 * 20 / depth  # ResNet-20 trains at about 550 images/s on 2 cores; cost grows with depth
 
 
-def _summarise(study, s, data_name, n_train, results, zero_rows, ratio_rows) -> dict[str, Any]:
+def _summarise(study, s, data_name, n_train, n_check, results, zero_rows, ratio_rows) -> dict[str, Any]:
     study.write_csv("deepening.csv", results)
     study.write_csv("zero_branch.csv", zero_rows)
     study.write_csv("branch_ratios.csv", ratio_rows)
@@ -234,10 +234,10 @@ def _summarise(study, s, data_name, n_train, results, zero_rows, ratio_rows) -> 
     headline = {
         "zero_branch_max_abs_difference": worst,
         "deepening_max_output_difference": max(col["max_output_difference"]),
-        "base_val_acc": round(mean_std(col["base_val_acc"])[0], 3),
-        "deepened_val_acc": round(mean_std(col["deepened_val_acc"])[0], 3),
-        "finetuned_original_val_acc": round(mean_std(col["finetuned_original_val_acc"])[0], 3),
-        "finetuned_deepened_val_acc": round(mean_std(col["finetuned_deepened_val_acc"])[0], 3),
+        "base_val_acc": round(mean_std(col["base_val_acc"])[0], 2),
+        "deepened_val_acc": round(mean_std(col["deepened_val_acc"])[0], 2),
+        "finetuned_original_val_acc": round(mean_std(col["finetuned_original_val_acc"])[0], 2),
+        "finetuned_deepened_val_acc": round(mean_std(col["finetuned_deepened_val_acc"])[0], 2),
     }
     study.write_json(
         "results.json",
@@ -245,11 +245,12 @@ def _summarise(study, s, data_name, n_train, results, zero_rows, ratio_rows) -> 
             "settings": asdict(s),
             "data": data_name,
             "train_images": n_train,
+            "check_images": n_check,
             "headline": headline,
             "deepening": results,
         },
     )
-    _figure(study, s, ratio_rows)
+    _figure(study, s, ratio_rows, n_check)
     table = [
         [f"ResNet-{s.depth} trained (base)", fmt_mean_std(col["base_val_acc"])],
         [
@@ -259,7 +260,7 @@ def _summarise(study, s, data_name, n_train, results, zero_rows, ratio_rows) -> 
         [f"base fine-tuned {s.finetune_epochs} epochs", fmt_mean_std(col["finetuned_original_val_acc"])],
         [f"deepened fine-tuned {s.finetune_epochs} epochs", fmt_mean_std(col["finetuned_deepened_val_acc"])],
     ]
-    study.write_report(_report(study, s, data_name, n_train, worst, headline, table, ratio_rows, zero_rows))
+    study.write_report(_report(study, s, data_name, n_train, n_check, worst, headline, table, ratio_rows, zero_rows))
     print()
     print(markdown_table(["network", "val acc %"], table))
     print(f"\nzero-branch blocks: largest difference from the identity path {worst:g}")
@@ -267,7 +268,7 @@ def _summarise(study, s, data_name, n_train, results, zero_rows, ratio_rows) -> 
     return {"out": str(study.out), **headline}
 
 
-def _figure(study: Study, s: IdentitySettings, ratio_rows: list[dict[str, Any]]) -> None:
+def _figure(study: Study, s: IdentitySettings, ratio_rows: list[dict[str, Any]], n_check: int) -> None:
     plt = pyplot()
     epochs = sorted({r["epoch"] for r in ratio_rows})
     blocks = sorted({r["block"] for r in ratio_rows})
@@ -301,12 +302,12 @@ def _figure(study: Study, s: IdentitySettings, ratio_rows: list[dict[str, Any]])
     ax2.set_title("over training")
     fig.suptitle(
         f"ResNet-{s.depth}: relative size of the residual branches during training "
-        f"(weight decay {s.weight_decay:g}, mean of {s.seeds} seeds, 256 validation images)"
+        f"(weight decay {s.weight_decay:g}, mean of {s.seeds} seeds, {n_check} validation images)"
     )
     study.save_figure(fig, "branch_ratios")
 
 
-def _report(study, s, data_name, n_train, worst, headline, table, ratio_rows, zero_rows) -> str:
+def _report(study, s, data_name, n_train, n_check, worst, headline, table, ratio_rows, zero_rows) -> str:
     last_epoch = max(r["epoch"] for r in ratio_rows)
     final = {}
     for r in ratio_rows:
@@ -324,7 +325,8 @@ def _report(study, s, data_name, n_train, worst, headline, table, ratio_rows, ze
         "## (a) A zero residual branch is the identity",
         "",
         f"Every block of each trained network was copied with its last BN weight set to zero and run on the real "
-        f"activations that reach it from 256 validation images. Largest absolute difference between its output and the "
+        f"activations that reach it from {n_check} validation images. Largest absolute difference between its output "
+        f"and the "
         f"shortcut path alone (`post_activation(shortcut(x))`), over all {len(zero_rows)} block checks: **{worst:g}**.",
         "",
         "## (b) Deepening without harm",
