@@ -258,6 +258,18 @@ def test_init_weights_fine_tunes_with_a_new_classifier_and_names_what_does_not_f
         run("r32", "resnet32", "synthetic:3x32x32:10:64", init_weights=str(small.run_dir))
 
 
+def test_each_epoch_records_the_learning_rate_its_last_step_used(tmp_path):
+    config = TrainConfig(
+        model="residual_mlp", epochs=2, batch_size=64, schedule="onecycle", lr=0.1, out=str(tmp_path / "r")
+    )
+    history = train(config, progress=False, verbose=False).history
+    # OneCycleLR ends at lr / (div_factor * final_div_factor) = 0.1 / 25 / 1e4 on the last step; the
+    # optimiser's own rate after it would be one step past the end, where the cosine turns back up.
+    assert history[-1]["lr"] == pytest.approx(0.1 / 25 / 1e4, rel=1e-6)
+    metrics = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["lr"] for m in metrics] == [h["lr"] for h in history]
+
+
 # --- multi-process ------------------------------------------------------------------------------
 
 

@@ -212,6 +212,7 @@ class Trainer:
         # few short epochs could gain; the full-size steps are compiled once.
         self.eager_model = model
         self.position = Position()
+        self.last_lr: float | None = None  # the learning rate of the latest step
         self.train_size: int | None = None  # progressive resizing: the side of this epoch's training images
         # Batch-norm running statistics, saved before each step so a refused step can put them back.
         self._norm_stats = [
@@ -318,6 +319,7 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used, for the epoch's record
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(self.core)
@@ -649,7 +651,8 @@ def _loop(
             "train_acc": round(float(100 * totals[1] / totals[2]), 4),
             "val_loss": round(val.loss, 6) if val else None,
             "val_acc": round(val.acc, 4) if val else None,
-            "lr": trainer.optimizer.param_groups[0]["lr"],
+            # The rate of the epoch's last step (the optimiser's is already the next step's).
+            "lr": trainer.optimizer.param_groups[0]["lr"] if trainer.last_lr is None else trainer.last_lr,
             "img_per_s": round(float(totals[2]) / max(pos.train_seconds, 1e-9), 1),
             "image_size": trainer.train_size or data.input_shape[-1],
             "epoch_seconds": round(pos.train_seconds, 3),
