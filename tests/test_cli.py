@@ -76,3 +76,25 @@ def test_a_reader_that_stops_early_ends_the_command_quietly():
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        (["train"], ["--epochs INT", "(default: 30)"]),
+        (["eval"], ["which split (default: val)", "images per batch (default: 256)"]),
+        (["predict"], ["classes to show per image (default: 5)"]),
+        (["export"], ["--format"]),
+    ],
+)
+def test_help_shows_each_default_once(capsys, command, shown):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines; compare the words
+    for fragment in shown:
+        assert fragment in text
+    # One "(default: ...)" per option at most: none repeated, none for a switch that is off.
+    options = text.split(" --")
+    assert not [o for o in options if o.count("(default") > 1]
+    assert "(default: False)" not in text and "(default: None)" not in text

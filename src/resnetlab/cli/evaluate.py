@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_json_flag
+from .common import DefaultsFormatter, add_json_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
+        formatter_class=DefaultsFormatter,
         help="evaluate a trained model on a split",
         description=(
             "Evaluate a run folder, checkpoint folder or model.safetensors. Without --data, the run's own "

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_json_flag
+from .common import DefaultsFormatter, add_json_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
+        formatter_class=DefaultsFormatter,
         help="export a trained model to ONNX or TorchScript",
         description=(
             "Export a trained model. The graph takes normalised float images (N, C, H, W) with any batch "

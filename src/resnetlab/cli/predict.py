@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_json_flag
+from .common import DefaultsFormatter, add_json_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
+        formatter_class=DefaultsFormatter,
         help="top-k classes of image files",
         description="Classify image files with a trained model: the top-k classes and their probabilities.",
     )

@@ -6,7 +6,7 @@ import argparse
 
 from ..errors import UserError
 from ..training import config as cfg
-from .common import add_json_flag
+from .common import DefaultsFormatter, add_json_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "the flags. The run folder gets config.toml, metrics.jsonl, checkpoints/, result.json and "
             "curves.png."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     p.add_argument("--config", metavar="FILE", help="TOML file of settings (see configs/)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN with its saved settings")

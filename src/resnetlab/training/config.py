@@ -250,7 +250,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         hint = _hints()[f.name]
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": f.name}
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{f.metadata['help']} (default: {_toml_value(default) if default != '' else 'none'})"
+        help_text = f.metadata["help"]
+        if "(default:" not in help_text:  # a few say in words what an empty default means
+            help_text += f" (default: {_toml_value(default) if default != '' else 'none'})"
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(hint) is list:
