@@ -258,6 +258,15 @@ def test_init_weights_fine_tunes_with_a_new_classifier_and_names_what_does_not_f
         run("r32", "resnet32", "synthetic:3x32x32:10:64", init_weights=str(small.run_dir))
 
 
+def test_resuming_a_finished_run_leaves_its_result_as_it_was(tmp_path):
+    run = tmp_path / "r"
+    train(TrainConfig(model="residual_mlp", epochs=1, batch_size=64, out=str(run)), progress=False, verbose=False)
+    before = (run / "result.json").read_bytes()
+    again = train(resume=run, progress=False, verbose=False)
+    assert len(again.history) == 1
+    assert (run / "result.json").read_bytes() == before  # not the no-op session's wall time
+
+
 def test_each_epoch_records_the_learning_rate_its_last_step_used(tmp_path):
     config = TrainConfig(
         model="residual_mlp", epochs=2, batch_size=64, schedule="onecycle", lr=0.1, out=str(tmp_path / "r")

@@ -591,6 +591,7 @@ def _loop(
     pos = trainer.position
     last_ckpt = ckpt
     session_start, elapsed_before = time.monotonic(), pos.elapsed
+    epochs_at_start = pos.epoch
     steps = len(trainer.train_loader)
     sync_every = 1 if trainer.device.type == "cpu" else 25  # a host sync is free on CPU, costly on a GPU
     while pos.epoch < config.epochs:
@@ -674,7 +675,10 @@ def _loop(
         params=trainer.params,
         val_source=data.val_source,
     )
-    if dist.is_main:
+    # A run resumed when already finished trains nothing: its result.json (with the wall time of the
+    # session that trained it) stays as it is.
+    finished_before = epochs_at_start == config.epochs and (run_dir / "result.json").is_file()
+    if dist.is_main and not finished_before:
         atomic_write_text(run_dir / "result.json", json.dumps(result.to_dict(), indent=2) + "\n")
         try:
             from .plots import plot_history
