@@ -548,3 +548,10 @@ def test_a_streamed_folder_of_bad_files_only_is_an_error_when_skipping(tmp_path)
     )
     with pytest.raises(UserError, match="broken folder"):
         list(loader.batches())
+
+
+def test_a_channel_count_no_image_file_has_is_refused_naming_the_folder(split_folder, tmp_path):
+    with pytest.raises(
+        UserError, match=r"data: image files are read as grayscale \(1 channel\) or RGB \(3\), not as 4"
+    ):
+        load(split_folder, tmp_path, channels=4)

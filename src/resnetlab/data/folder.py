@@ -615,7 +615,8 @@ def load_image_folder(
     if image_size is not None and image_size < 1:
         raise UserError(f"--image-size must be a positive number of pixels, got {image_size}")
     if channels not in (None, 1, 3):
-        raise UserError(f"--channels must be 1 or 3, got {channels}")
+        # No command has a --channels flag: the count comes from a model (eval of a 4-channel model, say).
+        raise UserError(f"{root}: image files are read as grayscale (1 channel) or RGB (3), not as {channels} channels")
     archive = _is_archive(root)
     auto = in_memory is None
     source = DataSource(_source_name(root), [], origin=root)
