@@ -49,6 +49,23 @@ def test_user_mistakes_exit_2_with_one_clear_line(capsys, argv, message):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    "argv, prog",
+    [
+        (["study", "lesion", "--depht", "8"], "resnetlab study lesion"),
+        (["train", "--no-such-flag", "1"], "resnetlab train"),
+        (["summary", "resnet20", "--depht", "8"], "resnetlab summary"),
+    ],
+)
+def test_an_unknown_flag_is_named_by_the_command_that_does_not_know_it(capsys, argv, prog):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert err.startswith(f"usage: {prog} ")
+    assert err.strip().splitlines()[-1] == f"{prog}: error: unrecognized arguments: {' '.join(argv[-2:])}"
+
+
 def test_list(capsys):
     code, out, _ = run(capsys, "list", "plain2*", "--json")
     assert code == 0 and json.loads(out.strip().splitlines()[-1]) == {"models": ["plain20"]}

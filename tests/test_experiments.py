@@ -95,6 +95,24 @@ def test_study_settings_are_checked_before_anything_is_written(tmp_path, capsys,
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("study", ["degradation", "gradients", "identity", "lesion", "families"])
+def test_a_study_whose_data_fails_leaves_no_folder(tmp_path, capsys, study):
+    extra = ["--depths", "8"] if study in ("degradation", "gradients") else ["--models", "resnet20"]
+    extra = extra if study in ("degradation", "gradients", "families") else ["--depth", "8"]
+    missing = tmp_path / "no-such-folder"
+    assert main(["study", study, *extra, "--data", str(missing), "--out", str(tmp_path / "s"), "--no-progress"]) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_gradients_study_threads_flag_sets_the_thread_count(tmp_path, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    argv = ["study", "gradients", "--depth", "8", "--depths", "8", "--steps", "0", "--seeds", "1", "--threads", "1"]
+    run_cli(capsys, *argv, "--data", TINY, "--batch-size", "8", "--out", str(tmp_path / "g"), "--json")
+    assert calls == [1]
+
+
 def test_degradation_study(tmp_path, capsys):
     out = tmp_path / "deg"
     result, _ = run_cli(

@@ -436,6 +436,20 @@ def test_a_compiled_run_takes_the_reduced_sizes_eagerly():
     assert sizes == [32]  # only the full-size step went through the compiled model
 
 
+def test_compile_without_a_cpp_compiler_is_refused_before_the_run_folder(tmp_path, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from resnetlab.inference import prepare_inference
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
+    config = TrainConfig(model="resnet20", data="synthetic:3x32x32:4:64", compile=True, out=str(tmp_path / "run"))
+    with pytest.raises(UserError, match=r"^--compile: torch.compile on the CPU .* found no working compiler"):
+        train(config, progress=False, verbose=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(UserError, match=r'^mode="compile": .* found no working compiler'):
+        prepare_inference(torch.nn.Conv2d(3, 4, 3), "compile")
+
+
 def test_alternating_flips_without_flips_in_the_augmentation_are_refused(tmp_path):
     config = TrainConfig(data="digits", epochs=1, alternate_flip=True, out=str(tmp_path / "r"))
     with pytest.raises(UserError, match="--alternate-flip needs flips in the training augmentation, which is none"):

@@ -17,6 +17,8 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from .compiler import require_cpp_compiler
+
 Mode = Literal["eager", "fold", "compile", "onednn"]
 
 
@@ -61,6 +63,8 @@ def prepare_inference(
     if channels_last:
         out = out.to(memory_format=torch.channels_last)
     if mode == "compile":
+        if all(t.device.type == "cpu" for t in out.parameters()):
+            require_cpp_compiler('mode="compile"')
         # Inductor's freezing treats the weights as constants: it folds them into the graph and prepacks
         # them for oneDNN's convolutions (the CPU inference recipe of PyTorch's inductor docs). On this
         # machine it took resnet50 at batch 1 from about 60 to 42-44 ms (benchmarks/suite.py).

@@ -53,6 +53,7 @@ class GradientSettings:
     lr: float = knob(0.01, "SGD learning rate (a net that diverges is recorded as such, from that step on)")
     distance: float = knob(0.01, "distance of the nearby input, relative to the image's norm")
     seeds: int = knob(2, "seeds per network")
+    threads: int = knob(0, "CPU threads; 0 = PyTorch's default")
 
 
 def _name(norm: str, plain: bool) -> str:
@@ -114,6 +115,8 @@ def run_gradients(s: GradientSettings, out: str | None = None, progress: bool = 
         raise UserError("--steps must be increasing numbers of training steps, starting at 0 or more")
     check_settings(s, [_config(s, d, n, p, 0) for d in s.depths for n, p in VARIANTS])
     study = Study.open("gradients", out, progress=False)
+    if s.threads:
+        torch.set_num_threads(s.threads)
     data = prepare_data(s.data)
     jobs = [(seed, norm, plain) for seed in range(s.seeds) for norm, plain in VARIANTS]
     study.announce(

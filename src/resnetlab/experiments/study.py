@@ -136,15 +136,17 @@ class Study:
                 raise UserError(f"--out {folder}: holds a {kind!r} study, not {name!r}; choose another folder")
         elif folder.exists() and any(folder.iterdir()):
             raise UserError(f"--out {folder}: already exists and holds something else; choose another folder")
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(marker, json.dumps({"study": name}) + "\n")
+        # The folder is made by announce(), after the study has loaded its data: a --data that fails
+        # leaves no study folder behind.
         return cls(name, folder, progress)
 
     def say(self, text: str) -> None:
         print(text, flush=True)
 
     def announce(self, what: str, seconds: float) -> None:
-        """State the plan and the expected run time before starting."""
+        """State the plan and the expected run time before starting, and make the study's folder."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "study.json", json.dumps({"study": self.name}) + "\n")
         self.say(f"{self.name}: {what}; expected run time about {format_duration(seconds)} on this machine")
         self.say(f"results go to {self.out}")
 

@@ -30,6 +30,7 @@ from ..checkpoint import (
     read_model_file,
     save_checkpoint,
 )
+from ..compiler import require_cpp_compiler
 from ..data.augment import BatchAugment
 from ..data.prepare import PreparedData, prepare_data
 from ..data.types import FileList
@@ -127,6 +128,8 @@ class Trainer:
             raise UserError("--amp fp16 needs a CUDA device (use bf16 on CPU)")
         if config.batch_size % dist.world_size:
             raise UserError(f"--batch-size {config.batch_size} must divide among {dist.world_size} processes")
+        if config.compile and device.type == "cpu":
+            require_cpp_compiler("--compile")
         self.config = config
         self.device = device
         self.dist = dist
