@@ -5,15 +5,19 @@
 - **peak**: this machine's matrix-product rate (float32 and bfloat16), the ceiling for the rest.
 - **train**: training images/s on synthetic data for resnet20/56/110 at 32x32 and resnet18/50 at
   224x224, batch 128 and 256: the plain eager baseline (NCHW float32, eager, a per-image DataLoader)
-  against resnetlab's training step in float32 (channels_last, in-memory batches) and in bfloat16
-  mixed precision (labelled: a different precision), eager and compiled by ``torch.compile``, with
-  the ratios and the achieved GFLOP/s.
+  against resnetlab's training step (channels_last, in-memory batches) in float32 and in bfloat16
+  mixed precision (labelled: a different precision), each eager and compiled by ``torch.compile``,
+  with the ratios and the achieved GFLOP/s.
   A case whose float32 step needs more memory than the machine has (autograd's saved activations,
   measured at batch 1 and 2) is reported as skipped rather than run into the out-of-memory killer.
 - **infer**: resnet50 latency at batch 1 and throughput at batch 32, resnet20 throughput at batch
   256: eager against resnetlab's inference paths (BN folded, channels_last; compiled by inductor;
   oneDNN Graph through TorchScript) and onnxruntime on the exported model, all in float32; then
   the compiled and oneDNN Graph paths in bfloat16 (labelled: a different precision).
+
+bfloat16 is measured only on a CPU where oneDNN has bfloat16 kernels (AVX-512 or AMX): with AVX2
+alone it falls back to reference code, 10x slower than float32 (``resnetlab.capabilities``), and
+would take the suite hours to measure nothing of use; the printout says when it was left out.
 - **depth**: time per training step and peak memory against depth (ResNet-20 ... 1202), with and
   without gradient checkpointing, each in a fresh process.
 
@@ -48,18 +52,27 @@ from common import (
 )
 
 from resnetlab import TrainConfig, create_model
+from resnetlab.capabilities import fast_bfloat16
 from resnetlab.data import prepare_data
 from resnetlab.inference import prepare_inference
 from resnetlab.summary import summarize
 from resnetlab.training.distributed import SINGLE_PROCESS
 from resnetlab.training.engine import Trainer
 
-# resnetlab's training paths in the suite: (label, --amp, --compile). All use channels_last and
-# in-memory batches. Compiling fuses the batch-norm, ReLU and add work around the convolutions.
+# resnetlab's training paths in the suite: (label, --amp, --compile, column heading). All use
+# channels_last and in-memory batches. Compiling fuses the batch-norm, ReLU and add work around the
+# convolutions.
 TRAIN_PATHS = (
-    ("resnetlab_fp32", "none", False),
-    ("resnetlab_bf16", "bf16", False),
-    ("resnetlab_bf16_compiled", "bf16", True),
+    ("resnetlab_fp32", "none", False, "resnetlab fp32"),
+    ("resnetlab_fp32_compiled", "none", True, "fp32 compiled"),
+    ("resnetlab_bf16", "bf16", False, "resnetlab bf16*"),
+    ("resnetlab_bf16_compiled", "bf16", True, "bf16* compiled"),
+)
+PEAK_KEY = {"none": "fp32_gflops", "bf16": "bf16_gflops"}
+BF16 = fast_bfloat16(torch.device("cpu"))
+NO_BF16 = (
+    f"bfloat16 left out: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no bfloat16 kernels in oneDNN "
+    "(they need AVX-512 or AMX)"
 )
 TRAIN_CASES = [("resnet20", 32), ("resnet56", 32), ("resnet110", 32), ("resnet18", 224), ("resnet50", 224)]
 
@@ -76,8 +89,10 @@ def table(header: list[str], rows: list[list]) -> str:
 
 
 def section_peak() -> dict:
-    fp32, bf16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
-    print(f"\nmatmul peak (2048^3, {torch.get_num_threads()} threads): float32 {fp32:.0f} GFLOP/s, bfloat16 {bf16:.0f}")
+    fp32 = matmul_peak(torch.float32)
+    bf16 = matmul_peak(torch.bfloat16) if BF16 else None
+    said = f"bfloat16 {bf16:.0f}" if BF16 else NO_BF16
+    print(f"\nmatmul peak (2048^3, {torch.get_num_threads()} threads): float32 {fp32:.0f} GFLOP/s; {said}")
     return {"fp32_gflops": fp32, "bf16_gflops": bf16}
 
 
@@ -85,6 +100,7 @@ def section_train(
     quick: bool, peak: dict, batches: list[int], batches_224: list[int], max_memory: int | None
 ) -> list[dict]:
     rows, out = [], []
+    paths = [p for p in TRAIN_PATHS if p[1] == "none" or BF16]
     cases = TRAIN_CASES[:2] if quick else TRAIN_CASES
     for model_name, size in cases:
         for batch in [128] if quick else (batches_224 if size > 64 else batches):
@@ -113,7 +129,7 @@ def section_train(
             )
             result = {"model": model_name, "size": size, "batch": batch, "macs": macs}
             trainers = {}
-            for label, amp, compile_ in TRAIN_PATHS:
+            for label, amp, compile_, _ in paths:
                 config = TrainConfig(
                     model=model_name,
                     batch_size=batch,
@@ -140,31 +156,31 @@ def section_train(
             result["rounds_img_per_s"] = rounds
             result.update({f"{k}_img_per_s": v for k, v in rate.items()})
             result["warmup_seconds"] = warm
-            for k, _, _ in TRAIN_PATHS:
+            for k, *_ in paths:
                 result[f"{k}_ratio"] = rate[k] / rate["baseline"]
             gflops = {k: 6 * macs * v / 1e9 for k, v in rate.items()}  # forward + backward = 3x, 2 FLOPs per MAC
             result["gflops"] = gflops
             out.append(result)
+            # Achieved GFLOP/s of the faster path in each precision, against that precision's peak.
+            best = {
+                amp: max((k for k, a, *_ in paths if a == amp), key=rate.__getitem__)
+                for amp in ("none", "bf16")
+                if any(a == amp for _, a, *_ in paths)
+            }
             rows.append(
                 [
                     model_name,
                     size,
                     batch,
                     f"{rate['baseline']:.0f}",
-                    f"{rate['resnetlab_fp32']:.0f}",
-                    f"{result['resnetlab_fp32_ratio']:.2f}x",
-                    f"{rate['resnetlab_bf16']:.0f}",
-                    f"{result['resnetlab_bf16_ratio']:.2f}x",
-                    f"{rate['resnetlab_bf16_compiled']:.0f}",
-                    f"{result['resnetlab_bf16_compiled_ratio']:.2f}x",
-                    f"{gflops['resnetlab_fp32']:.0f} ({100 * gflops['resnetlab_fp32'] / peak['fp32_gflops']:.0f}%)",
-                    f"{gflops['resnetlab_bf16']:.0f} ({100 * gflops['resnetlab_bf16'] / peak['bf16_gflops']:.0f}%)",
+                    *[cell for k, *_ in paths for cell in (f"{rate[k]:.0f}", f"{result[f'{k}_ratio']:.2f}x")],
+                    *[f"{gflops[k]:.0f} ({100 * gflops[k] / peak[PEAK_KEY[amp]]:.0f}%)" for amp, k in best.items()],
                 ]
             )
             print(
                 f"  {model_name} {size}px batch {batch}: baseline {rate['baseline']:.0f}, "
-                f"fp32 {rate['resnetlab_fp32']:.0f}, bf16 {rate['resnetlab_bf16']:.0f}, "
-                f"bf16 compiled {rate['resnetlab_bf16_compiled']:.0f} img/s",
+                + ", ".join(f"{k.removeprefix('resnetlab_')} {rate[k]:.0f}" for k, *_ in paths)
+                + " img/s",
                 flush=True,
             )
     print("\nTraining throughput (images/s; baseline = eager NCHW float32 with a per-image DataLoader)")
@@ -175,22 +191,19 @@ def section_train(
                 "px",
                 "batch",
                 "baseline",
-                "resnetlab fp32",
-                "ratio",
-                "resnetlab bf16*",
-                "ratio",
-                "bf16* compiled",
-                "ratio",
+                *[heading for *_, heading in paths for heading in (heading, "ratio")],
                 "fp32 GFLOP/s (% peak)",
-                "bf16 GFLOP/s (% peak)",
+                *(["bf16 GFLOP/s (% peak)"] if BF16 else []),
             ],
             rows,
         )
     )
     print(
         "* bf16: mixed precision (a different precision from the baseline); compiled: torch.compile (inductor), "
-        "its compilation inside the warm-up time of the JSON"
+        "its compilation inside the warm-up time of the JSON; GFLOP/s: the faster path of each precision"
     )
+    if not BF16:
+        print(NO_BF16)
     for r in out:
         if "skipped" in r:
             print(f"skipped: {r['model']} at {r['size']} px, batch {r['batch']}: {r['skipped']}")
@@ -215,6 +228,15 @@ INFER_MODES = {
     "onednn_bf16": ("onednn", torch.bfloat16),
 }
 INFER_PATHS = ("eager", "fold", "compile", "onednn", "onnxruntime", "compile_bf16", "onednn_bf16")
+INFER_HEADINGS = (
+    "eager NCHW",
+    "folded BN, NHWC",
+    "folded + compiled",
+    "oneDNN Graph",
+    "onnxruntime",
+    "compiled bf16*",
+    "oneDNN Graph bf16*",
+)
 
 
 @torch.no_grad()
@@ -224,6 +246,8 @@ def section_infer(quick: bool) -> list[dict]:
     from resnetlab.export import _to_onnx
 
     out, rows = [], []
+    modes = {k: v for k, v in INFER_MODES.items() if v[1] == torch.float32 or BF16}
+    paths = [k for k in INFER_PATHS if k in modes or k in ("eager", "onnxruntime")]
     cases = [("resnet50", 224, 1, "latency"), ("resnet50", 224, 32, "throughput"), ("resnet20", 32, 256, "throughput")]
     for model_name, size, batch, kind in cases[-1:] if quick else cases:
         torch.manual_seed(0)
@@ -233,7 +257,7 @@ def section_infer(quick: bool) -> list[dict]:
         xc = x.contiguous(memory_format=torch.channels_last)
         calls = {"eager": (model, x)}
         setup = {"eager": 0.0}
-        for path, (mode, dtype) in INFER_MODES.items():
+        for path, (mode, dtype) in modes.items():
             t0 = time.perf_counter()
             m = prepare_inference(model, mode, dtype=dtype)
             m(xc)  # first call: compiles
@@ -274,9 +298,9 @@ def section_infer(quick: bool) -> list[dict]:
         }
         out.append(result)
         if kind == "latency":
-            cells = [f"{1000 * median[k]:.1f} ms" for k in INFER_PATHS]
+            cells = [f"{1000 * median[k]:.1f} ms" for k in paths]
         else:
-            cells = [f"{batch / median[k]:.0f} img/s" for k in INFER_PATHS]
+            cells = [f"{batch / median[k]:.0f} img/s" for k in paths]
         rows.append([model_name, size, batch, kind, *cells])
         print(
             f"  {model_name} batch {batch}: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in median.items()),
@@ -293,24 +317,21 @@ def section_infer(quick: bool) -> list[dict]:
                 "px",
                 "batch",
                 "measure",
-                "eager NCHW",
-                "folded BN, NHWC",
-                "folded + compiled",
-                "oneDNN Graph",
-                "onnxruntime",
-                "compiled bf16*",
-                "oneDNN Graph bf16*",
+                *[h for k, h in zip(INFER_PATHS, INFER_HEADINGS, strict=True) if k in paths],
             ],
             rows,
         )
     )
-    print(
-        "* bf16: weights and activations in bfloat16 (a different precision; the other columns are float32); "
-        "largest output difference from eager float32, relative to the largest output: "
-        + ", ".join(
-            f"{r['model']} b{r['batch']} {max(r['max_rel_diff'][k] for k in INFER_PATHS[-2:]):.1e}" for r in out
+    if BF16:
+        print(
+            "* bf16: weights and activations in bfloat16 (a different precision; the other columns are float32); "
+            "largest output difference from eager float32, relative to the largest output: "
+            + ", ".join(
+                f"{r['model']} b{r['batch']} {max(r['max_rel_diff'][k] for k in INFER_PATHS[-2:]):.1e}" for r in out
+            )
         )
-    )
+    else:
+        print(NO_BF16)
     return out
 
 

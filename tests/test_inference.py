@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from resnetlab import TrainConfig, create_model, export_model, load_model, train
+from resnetlab.capabilities import fast_bfloat16
 from resnetlab.cli import main
 from resnetlab.data.digits import load_digits
 from resnetlab.errors import UserError
@@ -450,7 +451,9 @@ def test_bfloat16_inference_computes_in_bfloat16_and_answers_in_the_input_dtype(
             # bfloat16 keeps 8 significant bits: the logits move by a small fraction of their size, not more
             diff = float((out - ref).abs().max())
             assert 0 < diff < 0.02 * float(ref.abs().max())
-    if mode == "onednn":
+    if mode == "onednn" and fast_bfloat16(torch.device("cpu")):
+        # oneDNN Graph fuses bfloat16 only where oneDNN has bfloat16 kernels (AVX-512, AMX); with AVX2
+        # alone TorchScript runs the frozen graph's operators one by one.
         assert "prim::oneDNNFusionGuard" in {n.kind() for n in torch.jit.last_executed_optimized_graph().nodes()}
 
 
@@ -459,3 +462,20 @@ def test_inference_refuses_an_integer_dtype():
         prepare_inference(create_model("resnet20"), "fold", dtype=torch.int8)
     with pytest.raises(ValueError, match="dtype must be a floating-point type, got 'bfloat16'"):
         prepare_inference(create_model("resnet20"), "fold", dtype="bfloat16")
+
+
+def test_bfloat16_inference_warns_where_the_cpu_has_no_bfloat16_kernels(monkeypatch):
+    import warnings
+
+    import resnetlab.capabilities
+    from resnetlab.capabilities import SlowPathWarning
+
+    model = create_model("resnet20")
+    monkeypatch.setattr(resnetlab.capabilities, "fast_bfloat16", lambda device: False)
+    with pytest.warns(SlowPathWarning, match=r"^dtype=torch.bfloat16: this CPU \(.*no bfloat16 kernels"):
+        prepare_inference(model, "fold", dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlowPathWarning)
+        prepare_inference(model, "fold")  # float32: nothing to warn about
+        monkeypatch.setattr(resnetlab.capabilities, "fast_bfloat16", lambda device: True)
+        prepare_inference(model, "fold", dtype=torch.bfloat16)

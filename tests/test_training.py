@@ -450,6 +450,21 @@ def test_compile_without_a_cpp_compiler_is_refused_before_the_run_folder(tmp_pat
         prepare_inference(torch.nn.Conv2d(3, 4, 3), "compile")
 
 
+@pytest.mark.parametrize("amp", ["bf16", "none"])
+def test_bfloat16_on_a_cpu_without_its_kernels_is_one_warning_line(tmp_path, capsys, monkeypatch, amp):
+    import resnetlab.capabilities
+
+    monkeypatch.setattr(resnetlab.capabilities, "fast_bfloat16", lambda device: False)
+    argv = ["train", "--data", "synthetic:3x8x8:2:32", "--epochs", "1", "--batch-size", "16", "--amp", amp]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    if amp == "none":
+        assert warned == []
+    else:
+        assert len(warned) == 1 and warned[0].startswith("resnetlab train: warning: --amp bf16: this CPU (")
+        assert "no bfloat16 kernels in oneDNN" in warned[0]
+
+
 def test_alternating_flips_without_flips_in_the_augmentation_are_refused(tmp_path):
     config = TrainConfig(data="digits", epochs=1, alternate_flip=True, out=str(tmp_path / "r"))
     with pytest.raises(UserError, match="--alternate-flip needs flips in the training augmentation, which is none"):

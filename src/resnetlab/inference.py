@@ -17,7 +17,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from .compiler import require_cpp_compiler
+from .capabilities import require_cpp_compiler, warn_if_bfloat16_is_slow
 
 Mode = Literal["eager", "fold", "compile", "onednn"]
 
@@ -58,12 +58,15 @@ def prepare_inference(
     # TorchScript's freezing folds the batch norms itself (and oneDNN Graph wants the convolution + BN
     # pattern whole), so the onednn path takes the model unfolded.
     out = fold_batchnorm(model) if mode in ("fold", "compile") else copy.deepcopy(model).eval()
+    on_cpu = all(t.device.type == "cpu" for t in out.parameters())
+    if dtype == torch.bfloat16 and on_cpu:
+        warn_if_bfloat16_is_slow("dtype=torch.bfloat16", torch.device("cpu"))
     if dtype != torch.float32:
         out = CastTo(out.to(dtype), dtype).eval()
     if channels_last:
         out = out.to(memory_format=torch.channels_last)
     if mode == "compile":
-        if all(t.device.type == "cpu" for t in out.parameters()):
+        if on_cpu:
             require_cpp_compiler('mode="compile"')
         # Inductor's freezing treats the weights as constants: it folds them into the graph and prepacks
         # them for oneDNN's convolutions (the CPU inference recipe of PyTorch's inductor docs). On this

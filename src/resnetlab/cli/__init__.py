@@ -10,9 +10,11 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from .. import __version__
+from ..capabilities import SlowPathWarning
 from ..errors import UserError
 from ..training.engine import TrainingStopped
 from . import evaluate, experiments, export, models, predict, train
@@ -45,7 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        result = args.run(args)
+        with warnings.catch_warnings():
+            # A warning meant for the user (a slow path, a skipped file) reads as one line naming the
+            # command, like its errors, not as Python's file:line report.
+            warnings.showwarning = _show_warning(args.command)
+            result = args.run(args)
     except UserError as err:
         print(f"resnetlab {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -58,6 +64,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "json", False) and result is not None:
         print(json.dumps(result))
     return 0
+
+
+def _show_warning(command: str):
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, SlowPathWarning):
+            print(f"resnetlab {command}: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def main_exit() -> None:

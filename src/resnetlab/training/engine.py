@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..capabilities import require_cpp_compiler, warn_if_bfloat16_is_slow
 from ..checkpoint import (
     ModelInfo,
     classifier_key,
@@ -30,7 +31,6 @@ from ..checkpoint import (
     read_model_file,
     save_checkpoint,
 )
-from ..compiler import require_cpp_compiler
 from ..data.augment import BatchAugment
 from ..data.prepare import PreparedData, prepare_data
 from ..data.types import FileList
@@ -130,6 +130,8 @@ class Trainer:
             raise UserError(f"--batch-size {config.batch_size} must divide among {dist.world_size} processes")
         if config.compile and device.type == "cpu":
             require_cpp_compiler("--compile")
+        if config.amp == "bf16":
+            warn_if_bfloat16_is_slow("--amp bf16", device)
         self.config = config
         self.device = device
         self.dist = dist
