@@ -14,12 +14,12 @@
   256: eager against resnetlab's inference paths (BN folded, channels_last; compiled by inductor;
   oneDNN Graph through TorchScript) and onnxruntime on the exported model, all in float32; then
   the compiled and oneDNN Graph paths in bfloat16 (labelled: a different precision).
+- **depth**: time per training step and peak memory against depth (ResNet-20 ... 1202), with and
+  without gradient checkpointing, each in a fresh process.
 
 bfloat16 is measured only on a CPU where oneDNN has bfloat16 kernels (AVX-512 or AMX): with AVX2
 alone it falls back to reference code, 10x slower than float32 (``resnetlab.capabilities``), and
 would take the suite hours to measure nothing of use; the printout says when it was left out.
-- **depth**: time per training step and peak memory against depth (ResNet-20 ... 1202), with and
-  without gradient checkpointing, each in a fresh process.
 
 Warm-up and compilation are timed apart and never inside a throughput figure. Every row processes
 the same images with the same model as its baseline. The paths compared in a row take turns (rounds
@@ -227,16 +227,17 @@ INFER_MODES = {
     "compile_bf16": ("compile", torch.bfloat16),
     "onednn_bf16": ("onednn", torch.bfloat16),
 }
-INFER_PATHS = ("eager", "fold", "compile", "onednn", "onnxruntime", "compile_bf16", "onednn_bf16")
-INFER_HEADINGS = (
-    "eager NCHW",
-    "folded BN, NHWC",
-    "folded + compiled",
-    "oneDNN Graph",
-    "onnxruntime",
-    "compiled bf16*",
-    "oneDNN Graph bf16*",
-)
+# Every inference path in the table's order, with its column heading.
+INFER_HEADINGS = {
+    "eager": "eager NCHW",
+    "fold": "folded BN, NHWC",
+    "compile": "folded + compiled",
+    "onednn": "oneDNN Graph",
+    "onnxruntime": "onnxruntime",
+    "compile_bf16": "compiled bf16*",
+    "onednn_bf16": "oneDNN Graph bf16*",
+}
+INFER_PATHS = tuple(INFER_HEADINGS)
 
 
 @torch.no_grad()
@@ -317,7 +318,7 @@ def section_infer(quick: bool) -> list[dict]:
                 "px",
                 "batch",
                 "measure",
-                *[h for k, h in zip(INFER_PATHS, INFER_HEADINGS, strict=True) if k in paths],
+                *[INFER_HEADINGS[k] for k in paths],
             ],
             rows,
         )

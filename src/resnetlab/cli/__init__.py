@@ -48,8 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         with warnings.catch_warnings():
-            # A warning meant for the user (a slow path, a skipped file) reads as one line naming the
-            # command, like its errors, not as Python's file:line report.
+            # A SlowPathWarning is meant for the user: it reads as one line naming the command, like
+            # the errors, not as Python's file:line report.
             warnings.showwarning = _show_warning(args.command)
             result = args.run(args)
     except UserError as err:
