@@ -3,15 +3,19 @@
 import csv
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from resnetlab.cli import main
+from resnetlab.data.prepare import prepare_data
+from resnetlab.experiments import STUDIES, LesionSettings, lesion, run_lesion
 from resnetlab.experiments.identity import branch_ratios, deepen, zero_branch_check
-from resnetlab.experiments.lesion import Skip, lesioned, removable
-from resnetlab.experiments.study import fmt_mean_std, mean_std
+from resnetlab.experiments.lesion import Skip, kept_above_chance, lesioned, removable, verdict
+from resnetlab.experiments.study import RUN_OVERHEAD_S, Speed, Study, fmt_mean_std, mean_std, run_seconds
 from resnetlab.models import create_model
+from resnetlab.training.config import TrainConfig
 
 SYNTH = "synthetic:3x16x16:4:600"
 
@@ -105,12 +109,71 @@ def test_a_study_whose_data_fails_leaves_no_folder(tmp_path, capsys, study):
     assert not (tmp_path / "s").exists()
 
 
-def test_gradients_study_threads_flag_sets_the_thread_count(tmp_path, capsys, monkeypatch):
-    calls = []
+class _Announced(Exception):
+    """Stops a study where it states its plan, before any training."""
+
+
+@pytest.mark.parametrize("name", ["degradation", "gradients", "identity", "lesion", "families"])
+def test_a_studys_threads_flag_is_set_before_it_measures_or_trains(tmp_path, monkeypatch, name):
+    calls, seen_at_announce = [], []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
-    argv = ["study", "gradients", "--depth", "8", "--depths", "8", "--steps", "0", "--seeds", "1", "--threads", "1"]
-    run_cli(capsys, *argv, "--data", TINY, "--batch-size", "8", "--out", str(tmp_path / "g"), "--json")
-    assert calls == [1]
+
+    def announce(self, what, seconds):
+        seen_at_announce.append(list(calls))
+        raise _Announced
+
+    monkeypatch.setattr(Study, "announce", announce)
+    settings_type, run, _ = STUDIES[name]
+    depth = {"depths": [8]} if name in ("degradation", "gradients") else {"depth": 8}
+    extra = {"models": ["resnet20"]} if name == "families" else depth
+    extra = {**extra, "steps": [0]} if name == "gradients" else extra
+    settings = settings_type(data=TINY, seeds=1, batch_size=8, threads=1, **extra)
+    with pytest.raises(_Announced):
+        run(settings, out=str(tmp_path / "s"), progress=False)
+    assert seen_at_announce == [[1]]
+
+
+def test_run_seconds_counts_steps_validations_and_the_run_overhead():
+    data = SimpleNamespace(train=range(25), val=range(50))
+    config = TrainConfig(epochs=3, batch_size=10, eval_every=2)
+    # 3 steps per epoch (the last one partial) x 3 epochs x 0.5 s, validation after epochs 2 and 3
+    assert run_seconds(Speed(step_s=0.5, infer_img_per_s=100.0), config, data) == 4.5 + 2 * 0.5 + RUN_OVERHEAD_S
+    assert run_seconds(Speed(0.5, 100.0), config, SimpleNamespace(train=range(25), val=None)) == 4.5 + RUN_OVERHEAD_S
+
+
+def test_lesion_estimate_adds_each_lesions_evaluation_to_the_two_runs(tmp_path, monkeypatch):
+    announced = []
+
+    def announce(self, what, seconds):
+        announced.append(seconds)
+        raise _Announced
+
+    monkeypatch.setattr(Study, "announce", announce)
+    monkeypatch.setattr(lesion, "measure_speed", lambda config, data: Speed(step_s=1.0, infer_img_per_s=8.0))
+    settings = LesionSettings(data=TINY, depth=8, budget=1.0, epochs=2, samples=2, seeds=3, batch_size=8)
+    with pytest.raises(_Announced):
+        run_lesion(settings, out=str(tmp_path / "s"), progress=False)
+    data = prepare_data(TINY)  # 58 training images (8 steps an epoch), 6 held out
+    assert (len(data.train), len(data.val)) == (58, 6)
+    one_run = 8 * 2 * 1.0 + 2 * 6 / 8.0 + RUN_OVERHEAD_S
+    evaluations = 1 + 3 + 3 * 2  # intact, each of the 3 blocks, 2 random sets of 1, 2 and 3 blocks
+    assert announced == [pytest.approx(3 * 2 * (one_run + evaluations * 6 / 8.0))]
+
+
+def test_lesion_verdict_measures_what_each_net_keeps_above_chance():
+    # The CIFAR-10 run of docs/studies.md: ResNet-20 65.18% intact, 39.54% on average with one block
+    # removed; its plain twin 54.88% and 12.93%. In points the plain net drops only 1.6x as far (41.9
+    # against 25.6): the floor at chance (10%) caps its drop. Above chance it keeps 6.5% against 53.5%.
+    resnet, plain = kept_above_chance(65.18, 39.54, 10.0), kept_above_chance(54.88, 12.93, 10.0)
+    assert resnet == pytest.approx(0.535, abs=1e-3) and plain == pytest.approx(0.065, abs=1e-3)
+    assert "ruins the plain network far more" in verdict(resnet, plain)
+    assert "keeps 54% of its accuracy above chance, the plain net 7%" in verdict(resnet, plain)
+    assert "degrades gracefully" in verdict(0.95, 0.05)
+    assert "is not clear" in verdict(0.6, 0.3)
+    assert "is not clear" in verdict(0.2, 0.1)
+    assert "ruins the plain network far more" in verdict(0.2, -0.05)  # below chance counts as a share of 0
+    assert math.isnan(kept_above_chance(10.0, 12.0, 10.0))  # a net at chance keeps no share to speak of
+    assert "is not clear" in verdict(math.nan, 0.0)
 
 
 def test_degradation_study(tmp_path, capsys):

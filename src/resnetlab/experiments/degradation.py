@@ -16,11 +16,10 @@ from typing import Any
 
 import torch
 
-from ..data.prepare import prepare_data
-from ..models import cifar_resnet
+from ..data.prepare import PreparedData, prepare_data
 from ..training.config import TrainConfig, knob
 from ..training.progress import RunProgress
-from .study import Study, check_settings, config_block, markdown_table, pyplot, seconds_per_step
+from .study import Study, check_settings, config_block, markdown_table, measure_speed, pyplot, run_seconds
 
 PAPER_EPOCHS = 164
 _NAMED = (20, 32, 44, 56, 110, 1202)  # depths with a registered name
@@ -69,15 +68,10 @@ def degradation_config(s: DegradationSettings, depth: int, plain: bool, seed: in
     )
 
 
-def estimate_seconds(s: DegradationSettings, train_images: int) -> float:
-    """Timed training steps of each network at the study's batch size, scaled up."""
-    steps = (train_images // s.batch_size) * s.epochs
-    total = sum(
-        seconds_per_step(cifar_resnet(depth, plain=plain), (3, 32, 32), s.batch_size) * steps
-        for depth in s.depths
-        for plain in (True, False)
-    )
-    return total * s.seeds * 1.1  # evaluation each epoch
+def estimate_seconds(s: DegradationSettings, data: PreparedData) -> float:
+    """Each network's training step and evaluation timed on this machine, scaled up to the study."""
+    configs = [degradation_config(s, depth, plain, 0) for depth in s.depths for plain in (True, False)]
+    return s.seeds * sum(run_seconds(measure_speed(c, data), c, data) for c in configs)
 
 
 def run_degradation(s: DegradationSettings, out: str | None = None, progress: bool = True) -> dict[str, Any]:
@@ -89,15 +83,13 @@ def run_degradation(s: DegradationSettings, out: str | None = None, progress: bo
     if s.depths != sorted(set(s.depths)):
         s.depths = sorted(set(s.depths))
     check_settings(s, [degradation_config(s, d, p, 0) for d in s.depths for p in (True, False)])
-    study = Study.open("degradation", out, progress=False)
+    study = Study.open("degradation", out, progress=False, threads=s.threads)
     data = prepare_data(s.data, train_fraction=s.budget)
-    if s.threads:
-        torch.set_num_threads(s.threads)
     runs = [(d, p, seed) for seed in range(s.seeds) for d in s.depths for p in (True, False)]
     study.announce(
         f"{len(runs)} runs: plain and residual CIFAR nets of depths {s.depths} on {data.name}, "
         f"{len(data.train)} training images (budget {s.budget:g}), {s.epochs} epochs, {s.seeds} seed(s)",
-        estimate_seconds(s, len(data.train)),
+        estimate_seconds(s, data),
     )
 
     steps_per_epoch = len(data.train) // s.batch_size

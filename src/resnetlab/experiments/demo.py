@@ -7,7 +7,6 @@ validation error per depth and plots training error against steps, plain and res
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,10 +14,9 @@ import torch
 
 from ..data.prepare import prepare_data
 from ..errors import UserError
-from ..models import create_model
 from ..training.config import TrainConfig, knob
 from ..training.progress import RunProgress
-from .study import Study, check_settings, markdown_table, pyplot
+from .study import Study, check_settings, markdown_table, measure_speed, pyplot, run_seconds
 
 
 @dataclass
@@ -54,31 +52,10 @@ def demo_config(settings: DemoSettings, depth: int, plain: bool, seed: int) -> T
 
 
 def estimate_seconds(settings: DemoSettings) -> float:
-    """Time three steps of every model on a real batch and scale to the whole demo."""
+    """Each network's training step and evaluation timed on this machine, scaled up to the demo."""
     data = prepare_data("digits")
-    x = data.train.images[: settings.batch_size].float()
-    y = data.train.labels[: settings.batch_size]
-    steps_per_epoch = len(data.train) // settings.batch_size
-    total = 0.0
-    for depth in settings.depths:
-        for plain in (False, True):
-            model = create_model(
-                "residual_mlp",
-                depth=depth,
-                width=settings.width,
-                norm=settings.norm,
-                plain=plain,
-                input_size=(8, 8),
-            )
-            opt = torch.optim.SGD(model.parameters(), lr=0.01)
-            t0 = time.perf_counter()
-            for _ in range(3):
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            total += (time.perf_counter() - t0) / 3 * steps_per_epoch * settings.epochs
-    return total * settings.seeds * 1.3 + 2 * len(settings.depths) * settings.seeds  # evaluation, checkpoints
+    configs = [demo_config(settings, depth, plain, 0) for depth in settings.depths for plain in (False, True)]
+    return settings.seeds * sum(run_seconds(measure_speed(c, data), c, data) for c in configs)
 
 
 def run_demo(settings: DemoSettings, out: str | None = None, progress: bool = True) -> dict[str, Any]:

@@ -8,21 +8,17 @@ this machine, as a table and an accuracy-versus-cost figure, with mean and sprea
 
 from __future__ import annotations
 
-import math
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-
 from ..data.prepare import prepare_data
 from ..errors import UserError
-from ..models import create_model, is_model
+from ..models import is_model
 from ..summary import format_count, summarize
 from ..training.config import TrainConfig, knob
 from ..training.progress import RunProgress
-from .study import Study, check_settings, fmt_mean_std, markdown_table, mean_std, pyplot, seconds_per_step
+from ..training.setup import build_model
+from .study import Study, check_settings, fmt_mean_std, markdown_table, mean_std, measure_speed, pyplot, run_seconds
 
 
 @dataclass
@@ -66,26 +62,6 @@ def _config(s: FamilySettings, model: str, seed: int) -> TrainConfig:
     )
 
 
-@torch.no_grad()
-def inference_speed(model: torch.nn.Module, shape: tuple[int, int, int], batch: int = 256, repeats: int = 5) -> float:
-    """Images per second of the model in eval mode on random inputs: the median of ``repeats`` timed
-    batches after two warm-up batches (a single warm-up left EfficientNet's figure varying 1.7x
-    between two runs of the study)."""
-    model = model.eval().to(memory_format=torch.channels_last)
-    x = torch.randn(batch, *shape).contiguous(memory_format=torch.channels_last)
-    times = []
-    for _ in range(repeats + 2):
-        t0 = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t0)
-    return batch / statistics.median(times[2:])
-
-
-# Seconds each run spends outside its training steps and validation: start, data loader, checkpoints,
-# metrics and the curves figure (1-3 s a run in a CIFAR-10 study with 2,250 training images).
-_RUN_OVERHEAD_S = 3.0
-
-
 def run_families(s: FamilySettings, out: str | None = None, progress: bool = True) -> dict[str, Any]:
     unknown = [m for m in s.models if not is_model(m)]
     if unknown:
@@ -93,24 +69,19 @@ def run_families(s: FamilySettings, out: str | None = None, progress: bool = Tru
     if s.amp not in ("none", "bf16"):
         raise UserError("--amp must be none or bf16")
     check_settings(s, [_config(s, m, 0) for m in s.models])
-    study = Study.open("families", out, progress=False)
-    if s.threads:
-        torch.set_num_threads(s.threads)
+    study = Study.open("families", out, progress=False, threads=s.threads)
     data = prepare_data(s.data, train_fraction=s.budget)
-    n_train, n_val = len(data.train), len(data.val) if data.val else 0
-    c, h, w = data.input_shape
+    n_train = len(data.train)
 
     # Costs first, and the speeds measured on this machine: they are results and they give the estimate.
     study.say(f"families: measuring parameters, MACs and speed of {len(s.models)} models on this machine")
     costs, estimate = {}, 0.0
-    steps = math.ceil(n_train / s.batch_size) * s.epochs
     for name in s.models:
-        model = create_model(name, num_classes=len(data.classes), in_chans=c, input_size=(h, w))
-        summary = summarize(model, data.input_shape)
-        step_s = seconds_per_step(model, data.input_shape, min(s.batch_size, n_train), s.amp)
-        infer = inference_speed(model, data.input_shape)  # a few SGD steps do not change its speed
-        costs[name] = {"params": summary.params, "macs": summary.macs, "infer_img_per_s": infer}
-        estimate += s.seeds * (step_s * steps + n_val / infer + _RUN_OVERHEAD_S)
+        config = _config(s, name, 0)
+        summary = summarize(build_model(config, data)[0], data.input_shape)
+        speed = measure_speed(config, data)  # a few SGD steps do not change its inference speed
+        costs[name] = {"params": summary.params, "macs": summary.macs, "infer_img_per_s": speed.infer_img_per_s}
+        estimate += s.seeds * run_seconds(speed, config, data)
     study.announce(
         f"{len(s.models)} models x {s.seeds} seeds on {n_train} images of {data.name} for {s.epochs} epochs",
         estimate,

@@ -114,9 +114,7 @@ def run_gradients(s: GradientSettings, out: str | None = None, progress: bool = 
     if sorted(s.steps) != s.steps or s.steps[0] < 0:
         raise UserError("--steps must be increasing numbers of training steps, starting at 0 or more")
     check_settings(s, [_config(s, d, n, p, 0) for d in s.depths for n, p in VARIANTS])
-    study = Study.open("gradients", out, progress=False)
-    if s.threads:
-        torch.set_num_threads(s.threads)
+    study = Study.open("gradients", out, progress=False, threads=s.threads)
     data = prepare_data(s.data)
     jobs = [(seed, norm, plain) for seed in range(s.seeds) for norm, plain in VARIANTS]
     study.announce(

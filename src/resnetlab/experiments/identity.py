@@ -29,7 +29,7 @@ from ..training.config import TrainConfig, knob
 from ..training.evaluate import evaluate
 from ..training.progress import RunProgress
 from ..training.setup import Preprocess, make_loader
-from .study import Study, check_settings, fmt_mean_std, markdown_table, mean_std, pyplot
+from .study import Study, check_settings, fmt_mean_std, markdown_table, mean_std, measure_speed, pyplot, run_seconds
 
 
 @dataclass
@@ -136,13 +136,17 @@ def run_identity(s: IdentitySettings, out: str | None = None, progress: bool = T
         raise UserError(f"--depth {s.depth}: CIFAR ResNets have 6n+2 layers")
     if s.insert < 1:
         raise UserError("--insert must be >= 1")
-    finetune = _finetune_config(s, 0, s.depth + 6 * s.insert, Path("base.safetensors"))  # for its checks only
-    check_settings(s, [_base_config(s, 0), finetune])
-    study = Study.open("identity", out, progress=False)
+    base = _base_config(s, 0)  # these three for the checks and the estimate; the runs are made per seed below
+    deeper = _finetune_config(s, 0, s.depth + 6 * s.insert, Path("base.safetensors"))
+    original = _finetune_config(s, 0, s.depth, Path("base.safetensors"))
+    check_settings(s, [base, deeper])
+    study = Study.open("identity", out, progress=False, threads=s.threads)
     data = prepare_data(s.data, train_fraction=s.budget)
     if not isinstance(data.val, ImageArray):
         raise UserError(f"--data {s.data}: the identity study needs a data set that fits in memory")
-    per_run = len(data.train) * (s.epochs + 2 * s.finetune_epochs) / _rough_images_per_second(s.depth)
+    base_speed = measure_speed(base, data)
+    per_run = run_seconds(base_speed, base, data) + run_seconds(base_speed, original, data)
+    per_run += run_seconds(measure_speed(deeper, data), deeper, data)
     study.announce(
         f"train ResNet-{s.depth} on {len(data.train)} images of {data.name} for {s.epochs} epochs, insert {s.insert} "
         f"zero-initialised block(s) per stage, fine-tune {s.finetune_epochs} epochs; {s.seeds} seeds",
@@ -219,10 +223,6 @@ def run_identity(s: IdentitySettings, out: str | None = None, progress: bool = T
             for i, r in enumerate(branch_ratios(initial.eval(), x)):
                 ratio_rows.append({"seed": seed, "epoch": 0, "block": i + 1, "ratio": r})
     return _summarise(study, s, data.name, len(data.train), len(x_val), results, zero_rows, ratio_rows)
-
-
-def _rough_images_per_second(depth: int) -> float:
-    return 550 * 20 / depth  # ResNet-20 trains at about 550 images/s on 2 cores; cost grows with depth
 
 
 def _summarise(study, s, data_name, n_train, n_check, results, zero_rows, ratio_rows) -> dict[str, Any]:

@@ -23,11 +23,13 @@ from typing import Any
 
 import torch
 
+from ..data.prepare import PreparedData
 from ..errors import UserError
 from ..fileio import atomic_write_bytes, atomic_write_text
 from ..training.config import TrainConfig, to_toml
 from ..training.engine import load_run_config, train
 from ..training.progress import format_duration
+from ..training.setup import build_model
 
 # Settings that count something (runs, images, epochs, blocks): 0 would leave the study nothing to do.
 _COUNTS = ("seeds", "epochs", "finetune_epochs", "batch_size", "samples", "width", "insert")
@@ -122,7 +124,12 @@ class Study:
     started: float = field(default_factory=time.monotonic)
 
     @classmethod
-    def open(cls, name: str, out: str | Path | None, progress: bool = True) -> Study:
+    def open(cls, name: str, out: str | Path | None, progress: bool = True, threads: int = 0) -> Study:
+        """Check ``out`` (a new folder, or this same study's to continue) and apply ``--threads``.
+
+        ``threads`` (0: PyTorch's default) is set here, once, for all the study does in this process:
+        the speed measurements behind its time estimate, its training runs, its evaluations.
+        """
         folder = Path(out) if out else Path("studies") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
         if folder.exists() and not folder.is_dir():
             raise UserError(f"--out {folder}: exists and is not a folder")
@@ -136,6 +143,8 @@ class Study:
                 raise UserError(f"--out {folder}: holds a {kind!r} study, not {name!r}; choose another folder")
         elif folder.exists() and any(folder.iterdir()):
             raise UserError(f"--out {folder}: already exists and holds something else; choose another folder")
+        if threads:
+            torch.set_num_threads(threads)
         # The folder is made by announce(), after the study has loaded its data: a --data that fails
         # leaves no study folder behind.
         return cls(name, folder, progress)
@@ -242,6 +251,50 @@ def seconds_per_step(
         opt.step()
         times.append(time.perf_counter() - t0)
     return statistics.median(times[2:])
+
+
+@torch.no_grad()
+def inference_speed(model: torch.nn.Module, shape: tuple[int, int, int], batch: int = 256, repeats: int = 5) -> float:
+    """Images per second of the model in eval mode on random inputs: the median of ``repeats`` timed
+    batches after two warm-up batches (a single warm-up left EfficientNet's figure varying 1.7x
+    between two runs of the families study)."""
+    model = model.eval().to(memory_format=torch.channels_last)
+    x = torch.randn(batch, *shape).contiguous(memory_format=torch.channels_last)
+    times = []
+    for _ in range(repeats + 2):
+        t0 = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t0)
+    return batch / statistics.median(times[2:])
+
+
+# Seconds each run spends outside its training steps and validation: start, data loader, checkpoints,
+# metrics and the curves figure (1-3 s a run in a CIFAR-10 study with 2,250 training images).
+RUN_OVERHEAD_S = 3.0
+
+
+@dataclass(frozen=True)
+class Speed:
+    """A model's speed on this machine, measured before a study starts."""
+
+    step_s: float  # one training step at the study's batch size (seconds_per_step)
+    infer_img_per_s: float  # evaluation (inference_speed)
+
+
+def measure_speed(config: TrainConfig, data: PreparedData) -> Speed:
+    """The speed of the model that ``config`` trains on ``data``, built as ``train`` builds it."""
+    model, _ = build_model(config, data)
+    step_s = seconds_per_step(model, data.input_shape, min(config.batch_size, len(data.train)), config.amp)
+    return Speed(step_s, inference_speed(model, data.input_shape))
+
+
+def run_seconds(speed: Speed, config: TrainConfig, data: PreparedData) -> float:
+    """Expected seconds of one training run: its steps, its validation passes (every ``eval_every``
+    epochs and after the last) and :data:`RUN_OVERHEAD_S`."""
+    n_val = len(data.val) if data.val else 0
+    steps = math.ceil(len(data.train) / config.batch_size) * config.epochs
+    validations = math.ceil(config.epochs / config.eval_every)
+    return speed.step_s * steps + validations * n_val / speed.infer_img_per_s + RUN_OVERHEAD_S
 
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
