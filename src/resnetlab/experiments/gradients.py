@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -35,7 +34,7 @@ from ..training.config import TrainConfig, knob
 from ..training.distributed import SINGLE_PROCESS
 from ..training.engine import NonFiniteStep, Trainer
 from ..training.progress import RunProgress
-from .study import Study, check_settings, fmt_mean_std, markdown_table, mean_std, pyplot
+from .study import Study, check_settings, fmt_mean_std, markdown_table, mean_std, pyplot, seconds_per_step
 
 VARIANTS = [(norm, plain) for norm in ("batch", "none") for plain in (True, False)]
 
@@ -175,11 +174,7 @@ def _endless_batches(loader: InMemoryLoader | StreamingLoader) -> Iterator[Batch
 def _estimate(s: GradientSettings) -> float:
     from ..models import cifar_resnet
 
-    x = torch.randn(s.batch_size, 3, 32, 32)
-    model = cifar_resnet(s.depth)
-    t0 = time.perf_counter()
-    model(x).sum().backward()
-    step = time.perf_counter() - t0
+    step = seconds_per_step(cifar_resnet(s.depth), (3, 32, 32), s.batch_size)
     sims = sum(d / s.depth for d in s.depths) * 64 / s.batch_size * 4 * step
     return (step * (s.steps[-1] + 1) + sims) * len(VARIANTS) * s.seeds + 10
 
