@@ -386,3 +386,26 @@ def test_a_non_finite_step_is_refused_and_leaves_weights_and_bn_statistics_untou
         assert torch.equal(value, after[key]) or (value.isnan() == after[key].isnan()).all(), key
     stats = [k for k in before if "running" in k]
     assert stats and all(torch.equal(before[k], after[k]) for k in stats)
+
+
+def test_a_prune_killed_midway_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    from resnetlab import checkpoint
+
+    for name in ("e0001-s000000", "e0002-s000000"):
+        (tmp_path / name).mkdir()
+        for f in ("a", "b"):
+            (tmp_path / name / f).write_text(f)
+    real_rmtree = checkpoint.shutil.rmtree
+
+    def killed_inside(path, ignore_errors=False):  # deletes one file, then the process "dies"
+        next(p for p in sorted(Path(path).iterdir())).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_inside)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint._prune(tmp_path, 1, "e0002-s000000")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "e0001-s000000" not in names and "e0002-s000000" in names  # renamed away before deletion
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    checkpoint._prune(tmp_path, 1, "e0002-s000000")  # the next prune clears what the killed one left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e0002-s000000"]

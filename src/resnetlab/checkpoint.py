@@ -182,10 +182,17 @@ def save_checkpoint(
 def _prune(root: Path, keep: int, newest: str) -> None:
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and _CKPT_NAME.fullmatch(p.name))
     names = [n for n in names if n <= newest]
-    for old in names[:-keep]:
-        shutil.rmtree(root / old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
+    for old in names[:-keep]:
+        # Renamed first (atomic), then deleted: a run killed inside the deletion leaves a .tmp- folder
+        # that the next prune removes, never a checkpoint name over a half-deleted folder.
+        doomed = root / f".tmp-pruned-{old}"
+        try:
+            (root / old).rename(doomed)
+        except OSError:
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
