@@ -124,10 +124,14 @@ def test_a_studys_threads_flag_is_set_before_it_measures_or_trains(tmp_path, mon
 
     monkeypatch.setattr(Study, "announce", announce)
     settings_type, run, _ = STUDIES[name]
-    depth = {"depths": [8]} if name in ("degradation", "gradients") else {"depth": 8}
-    extra = {"models": ["resnet20"]} if name == "families" else depth
-    extra = {**extra, "steps": [0]} if name == "gradients" else extra
-    settings = settings_type(data=TINY, seeds=1, batch_size=8, threads=1, **extra)
+    small = {
+        "degradation": {"depths": [8]},
+        "gradients": {"depth": 8, "depths": [8], "steps": [0]},
+        "identity": {"depth": 8},
+        "lesion": {"depth": 8},
+        "families": {"models": ["resnet20"]},
+    }[name]
+    settings = settings_type(data=TINY, seeds=1, batch_size=8, threads=1, **small)
     with pytest.raises(_Announced):
         run(settings, out=str(tmp_path / "s"), progress=False)
     assert seen_at_announce == [[1]]
@@ -136,9 +140,9 @@ def test_a_studys_threads_flag_is_set_before_it_measures_or_trains(tmp_path, mon
 def test_run_seconds_counts_steps_validations_and_the_run_overhead():
     data = SimpleNamespace(train=range(25), val=range(50))
     config = TrainConfig(epochs=3, batch_size=10, eval_every=2)
-    # 3 steps per epoch (the last one partial) x 3 epochs x 0.5 s, validation after epochs 2 and 3
-    assert run_seconds(Speed(step_s=0.5, infer_img_per_s=100.0), config, data) == 4.5 + 2 * 0.5 + RUN_OVERHEAD_S
-    assert run_seconds(Speed(0.5, 100.0), config, SimpleNamespace(train=range(25), val=None)) == 4.5 + RUN_OVERHEAD_S
+    # 2 steps per epoch (the 5 images left over make no step) x 3 epochs x 0.5 s, validation after epochs 2 and 3
+    assert run_seconds(Speed(step_s=0.5, infer_img_per_s=100.0), config, data) == 3.0 + 2 * 0.5 + RUN_OVERHEAD_S
+    assert run_seconds(Speed(0.5, 100.0), config, SimpleNamespace(train=range(25), val=None)) == 3.0 + RUN_OVERHEAD_S
 
 
 def test_lesion_estimate_adds_each_lesions_evaluation_to_the_two_runs(tmp_path, monkeypatch):
@@ -153,9 +157,9 @@ def test_lesion_estimate_adds_each_lesions_evaluation_to_the_two_runs(tmp_path, 
     settings = LesionSettings(data=TINY, depth=8, budget=1.0, epochs=2, samples=2, seeds=3, batch_size=8)
     with pytest.raises(_Announced):
         run_lesion(settings, out=str(tmp_path / "s"), progress=False)
-    data = prepare_data(TINY)  # 58 training images (8 steps an epoch), 6 held out
+    data = prepare_data(TINY)  # 58 training images (7 full batches an epoch), 6 held out
     assert (len(data.train), len(data.val)) == (58, 6)
-    one_run = 8 * 2 * 1.0 + 2 * 6 / 8.0 + RUN_OVERHEAD_S
+    one_run = 7 * 2 * 1.0 + 2 * 6 / 8.0 + RUN_OVERHEAD_S
     evaluations = 1 + 3 + 3 * 2  # intact, each of the 3 blocks, 2 random sets of 1, 2 and 3 blocks
     assert announced == [pytest.approx(3 * 2 * (one_run + evaluations * 6 / 8.0))]
 

@@ -292,7 +292,7 @@ def run_seconds(speed: Speed, config: TrainConfig, data: PreparedData) -> float:
     """Expected seconds of one training run: its steps, its validation passes (every ``eval_every``
     epochs and after the last) and :data:`RUN_OVERHEAD_S`."""
     n_val = len(data.val) if data.val else 0
-    steps = math.ceil(len(data.train) / config.batch_size) * config.epochs
+    steps = len(data.train) // config.batch_size * config.epochs  # full batches only, as the loader trains
     validations = math.ceil(config.epochs / config.eval_every)
     return speed.step_s * steps + validations * n_val / speed.infer_img_per_s + RUN_OVERHEAD_S
 
